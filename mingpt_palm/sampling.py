@@ -1,0 +1,115 @@
+"""Autoregressive generation with a key/value cache, compiled once per (batch, length, settings).
+
+The prompt is encoded in one pass (padded to seq_len so every prompt length shares one
+compilation), then a `lax.scan` runs one cached step per new character. Past seq_len the cache
+works as a sliding window: each new character attends to the seq_len - 1 characters before it.
+`generate_recompute` is the reference: a full forward over the last seq_len characters per step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mingpt_palm.config import ModelConfig, UserError
+from mingpt_palm.model import PaLM, init_cache
+
+
+def filter_logits(logits, temperature: float, top_k: int | None, top_p: float | None):
+    """Scale by temperature and mask everything outside the top-k / top-p set with -inf."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token while the mass strictly before it is below top_p (so the top one always stays).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits, key, temperature: float, top_k: int | None, top_p: float | None):
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def check_sampling_args(vocab_size: int, temperature: float, top_k, top_p, steps: int, num_samples: int) -> None:
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise UserError(f"--sample-from-top-k {top_k} must be between 1 and the vocabulary size {vocab_size}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must be in (0, 1]")
+    if steps < 0:
+        raise UserError(f"--sample-steps {steps} must be >= 0")
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples} must be >= 1")
+
+
+def _pad_prompt(cfg: ModelConfig, prompt_ids) -> tuple[np.ndarray, int]:
+    prompt_ids = np.asarray(prompt_ids, dtype=np.int32)[-cfg.seq_len :]
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty; pass --prompt with at least one character")
+    padded = np.zeros(cfg.seq_len, np.int32)
+    padded[: len(prompt_ids)] = prompt_ids
+    return padded, len(prompt_ids)
+
+
+@partial(jax.jit, static_argnames=("cfg", "steps", "num_samples", "temperature", "top_k", "top_p"))
+def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples, temperature, top_k, top_p):
+    model = PaLM(cfg)
+    tokens = jnp.broadcast_to(padded, (num_samples, cfg.seq_len))
+    cache = init_cache(cfg, (num_samples,), jnp.dtype(cfg.dtype))
+    logits, cache = model.apply({"params": params}, tokens, jnp.arange(cfg.seq_len), cache)
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+
+    def step(carry, key):
+        logits, cache, pos = carry
+        tok = sample_token(logits, key, temperature, top_k, top_p)
+        logits, cache = model.apply({"params": params}, tok[:, None], pos[None], cache)
+        return (logits[:, 0], cache, pos + 1), tok
+
+    _, out = jax.lax.scan(step, (last, cache, prompt_len.astype(jnp.int32)), jax.random.split(key, steps))
+    return out.T
+
+
+@partial(jax.jit, static_argnames=("cfg", "steps", "num_samples", "temperature", "top_k", "top_p"))
+def _generate_recompute(params, padded, prompt_len, key, *, cfg, steps, num_samples, temperature, top_k, top_p):
+    model = PaLM(cfg)
+    window = jnp.broadcast_to(padded, (num_samples, cfg.seq_len))
+
+    def step(carry, key):
+        window, length = carry
+        logits, _ = model.apply({"params": params}, window)
+        last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+        tok = sample_token(last, key, temperature, top_k, top_p)
+        full = length == cfg.seq_len
+        # A full window drops its oldest character; otherwise the new one goes at `length`.
+        shifted = jnp.where(full, jnp.roll(window, -1, axis=1), window)
+        window = jax.lax.dynamic_update_index_in_dim(shifted, tok, jnp.where(full, length - 1, length), axis=1)
+        return (window, jnp.minimum(length + 1, cfg.seq_len)), tok
+
+    _, out = jax.lax.scan(step, (window, prompt_len.astype(jnp.int32)), jax.random.split(key, steps))
+    return out.T
+
+
+def generate(params, cfg: ModelConfig, prompt_ids, steps: int, key, num_samples: int = 1, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, recompute: bool = False) -> np.ndarray:
+    """Continue `prompt_ids` by `steps` tokens; returns int32 [num_samples, steps].
+
+    The prompt keeps its last seq_len tokens. recompute=True runs the cache-free reference.
+    """
+    if steps == 0:
+        return np.zeros((num_samples, 0), np.int32)
+    padded, prompt_len = _pad_prompt(cfg, prompt_ids)
+    fn = _generate_recompute if recompute else _generate_cached
+    out = fn(params, padded, jnp.int32(prompt_len), key, cfg=cfg, steps=steps, num_samples=num_samples,
+             temperature=float(temperature), top_k=top_k, top_p=top_p)
+    return np.asarray(out)

@@ -1,0 +1,76 @@
+"""Shared test setup: 4 simulated CPU devices, the real corpora beside the repo, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SHAKESPEARE = DATA / "tinyshakespeare.txt"
+WIKI = DATA / "wiki_sample.xml"
+
+# Fail fast instead of hanging if a CPU all-reduce ever gets stuck (DESIGN.md).
+XLA_HANG_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
+                  "--xla_cpu_collective_call_terminate_timeout_seconds=6")
+
+
+def xla_flags(devices: int) -> str:
+    return f"--xla_force_host_platform_device_count={devices} {XLA_HANG_FLAGS}"
+
+
+# In-process tests see 4 devices; this must happen before JAX initialises its backends.
+os.environ["XLA_FLAGS"] = xla_flags(4)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(ROOT))
+
+# A model small enough that a CLI run of a few dozen steps takes seconds on 2 CPU cores.
+TINY = ["--model.dim", "64", "--model.depth", "2", "--model.heads", "4", "--model.dim-head", "16",
+        "--block-size", "64", "--batch-size", "8", "--optim.warmup-steps", "5",
+        "--optim.learning-rate", "3e-3", "--no-progress", "--sample-length", "0"]
+
+
+def cli_env(devices: int = 4) -> dict:
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return env
+
+
+def run_cli(script: str, *args, devices: int = 4, cwd=None, timeout: float = 300, check: bool = True):
+    """Run train_char.py / eval_char.py as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=cli_env(devices),
+                          capture_output=True, text=True, errors="surrogateescape", timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs {SHAKESPEARE} (shared/data beside the repo)")
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def wiki() -> Path:
+    if not WIKI.is_file():
+        pytest.skip(f"needs {WIKI} (shared/data beside the repo)")
+    return WIKI
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event in every event file of tb_dir, in file order (a restart adds a file)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:  # the loader migrates simple_value into a scalar tensor
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    out.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
+    return out

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from mingpt_palm import data
+from mingpt_palm.config import DataConfig, UserError
+
+
+def _corpus(tmp_path, n, **kw):
+    path = tmp_path / "c.txt"
+    path.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, n, dtype=np.uint8)))
+    return data.load_corpus(str(path), DataConfig(datasets_dir=str(tmp_path / "ds"), **kw), progress=False)
+
+
+def test_split_boundaries(tmp_path):
+    c = _corpus(tmp_path, 1000)
+    assert (len(c.train), len(c.val), len(c.test)) == (900, 50, 50)
+    raw = np.fromfile(c.path, np.uint8)
+    np.testing.assert_array_equal(np.concatenate([c.train, c.val, c.test]), raw)
+    assert isinstance(c.train, np.memmap)
+    c = _corpus(tmp_path, 1000, val_fraction=0.1, test_fraction=0.2)
+    assert (len(c.train), len(c.val), len(c.test)) == (700, 100, 200)
+
+
+def test_standard_split_for_registered_corpus(tmp_path, monkeypatch):
+    from mingpt_palm import download
+
+    path = tmp_path / "ds" / "toy" / "toy"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x" * 100)
+    toy = download.Corpus("toy", "http://127.0.0.1:9/toy", "0" * 64, 100, None, (80, 15, 5))
+    monkeypatch.setitem(download.CORPORA, "toy", toy)
+    c = data.load_corpus("toy", DataConfig(datasets_dir=str(tmp_path / "ds")), progress=False)
+    assert (len(c.train), len(c.val), len(c.test)) == (80, 15, 5)
+    assert c.registered == toy
+
+
+def test_batch_is_a_pure_function_of_seed_and_step(tmp_path):
+    c = _corpus(tmp_path, 5000)
+    a = data.get_batch(c.train, seed=1, step=7, global_batch=8, seq_len=16)
+    b = data.get_batch(c.train, seed=1, step=7, global_batch=8, seq_len=16)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (8, 17) and a.dtype == np.uint8
+    assert not np.array_equal(a, data.get_batch(c.train, seed=1, step=8, global_batch=8, seq_len=16))
+    assert not np.array_equal(a, data.get_batch(c.train, seed=2, step=7, global_batch=8, seq_len=16))
+    # every row is a real window of the split
+    raw = np.asarray(c.train).tobytes()
+    assert all(row.tobytes() in raw for row in a)
+
+
+def test_process_slices_are_disjoint_and_form_the_global_batch(tmp_path):
+    c = _corpus(tmp_path, 5000)
+    whole = data.get_batch(c.train, 3, 11, 8, 16)
+    parts = [data.get_batch(c.train, 3, 11, 8, 16, process_index=p, process_count=2) for p in range(2)]
+    assert all(p.shape == (4, 17) for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_split_windows_predict_every_byte_once():
+    split = np.arange(23, dtype=np.uint8)
+    tokens, weights = data.split_windows(split, 5)
+    assert tokens.shape == (5, 6) and weights.shape == (5, 5)
+    targets = tokens[:, 1:][weights > 0]
+    np.testing.assert_array_equal(targets, split[1:])  # every byte but the first, exactly once
+    np.testing.assert_array_equal(tokens[:, :-1][weights > 0], split[:-1])
+
+
+def test_char_vocab(tmp_path):
+    train = np.frombuffer(b"abcabc", np.uint8)
+    v = data.Vocab.build("char", train)
+    assert v.size == 4 and v.unk_id == 3
+    np.testing.assert_array_equal(v.encode(np.frombuffer(b"cab!", np.uint8)), [2, 0, 1, 3])
+    assert v.decode([0, 1, 2, 3]) == b"abc?"
+    assert v.unknown_count(np.frombuffer(b"a!!b", np.uint8)) == 2
+    v.save(tmp_path / "v.json")
+    w = data.Vocab.load(tmp_path / "v.json")
+    np.testing.assert_array_equal(w.encode(np.arange(256, dtype=np.uint8)), v.encode(np.arange(256, dtype=np.uint8)))
+    b = data.Vocab.build("byte", train)
+    assert b.size == 256 and b.decode(b.encode(np.frombuffer(b"hi\xff", np.uint8))) == b"hi\xff"
+
+
+def test_too_small_split_is_a_clear_error(tmp_path):
+    c = _corpus(tmp_path, 400)
+    with pytest.raises(UserError, match="val split .* 20 bytes, fewer than one window of block size \\+ 1 = 65"):
+        data.require_windows(c.val, "val", 64, c.path)
