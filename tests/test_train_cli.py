@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TINY, cli_env, read_scalars, run_cli
+from conftest import ROOT, TINY, cli_env, read_scalars, run_cli
 
 
 def load_params(exp_dir, step=None):
@@ -131,3 +131,28 @@ def test_tensorboard_serves_train_loss(shakespeare, tmp_path):
     finally:
         server.kill()  # by its own process id
         server.wait(timeout=30)
+
+
+def test_trains_on_real_wikipedia_xml(wiki, tmp_path):
+    # The relative path a user would type from the repository root.
+    proc = run_cli("train_char.py", "--dataset-path", "../shared/data/wiki_sample.xml", "--experiments-dir",
+                   tmp_path, "--experiment-name", "wiki", *TINY, "--max-steps", 8, "--log-interval", 4,
+                   "--eval-interval", 8, cwd=ROOT)
+    assert "train 5,480,772 / val 304,487 / test 304,487 bytes" in proc.stdout
+    scalars = read_scalars(tmp_path / "wiki" / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [4, 8] and "val/bpc" in scalars
+
+
+def test_char_vocab_with_unknown_bytes(tmp_path):
+    corpus = tmp_path / "c.txt"
+    # The last 10% (val + test) holds characters the training split never has.
+    corpus.write_bytes(b"abcd efgh. " * 900 + b"XYZ!" * 275)
+    run_cli("train_char.py", "--dataset-path", corpus, "--experiments-dir", tmp_path, "--experiment-name", "v",
+            *TINY, "--data.vocab", "char", "--max-steps", 3, "--eval-interval", 0)
+    vocab = json.loads((tmp_path / "v" / "vocab.json").read_text())
+    assert vocab["kind"] == "char" and bytes(vocab["symbols"]) == b" .abcdefgh"
+    out = run_cli("eval_char.py", "--experiments-dir", tmp_path, "--experiment-name", "v", "--split", "val",
+                  "--prompt", "abc", "--sample-steps", 5, "--batch-size", 4)
+    report = json.loads((tmp_path / "v" / "eval" / "val.json").read_text())
+    assert report["unknown_bytes"] == report["bytes_scored"] == 549  # val = 550 bytes of "XYZ!"
+    assert "outside the char vocabulary" in out.stdout
