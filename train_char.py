@@ -23,6 +23,12 @@ def main() -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop installs its own handler (loading, restoring, compiling):
+        # no step has run, so there is nothing to save, and orbax only renames complete checkpoints.
+        print("error: interrupted before training started; checkpoints already on disk are complete "
+              "and intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,15 +3,22 @@
 `eval_char.py` rebuilds everything from this directory alone. Checkpoints are orbax
 CheckpointManager steps holding the (unreplicated) train state plus a JSON record; orbax writes
 each step into a temporary directory and renames it when complete, so a save that is killed
-midway leaves a `*.orbax-checkpoint-tmp*` directory that is never restored.
+midway leaves a `*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the
+same way, renamed into checkpoints/deleted/ before they are removed, so every numbered directory
+is a whole checkpoint. One that fails to load all the same is skipped for the one before it, and
+training moves it to damaged_checkpoints/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
+import shutil
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -24,6 +31,7 @@ from mingpt_palm.config import TrainConfig, UserError
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
+_TRASH = "deleted"  # checkpoints/deleted/: old steps renamed here by orbax, then removed by us
 
 
 def warn(msg: str) -> None:
@@ -35,8 +43,20 @@ def list_experiments(experiments_dir: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence orbax's own error logs while trying a checkpoint: a failure is reported once, by us."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Experiment:
-    def __init__(self, experiments_dir: str | Path, name: str):
+    def __init__(self, experiments_dir: str | Path, name: str, keep: int | None = None):
         if not _NAME.fullmatch(name) or name in (".", ".."):
             raise UserError(
                 f"experiment name {name!r} must be a plain directory name inside {experiments_dir}/ "
@@ -48,7 +68,10 @@ class Experiment:
         self.vocab_path = self.path / "vocab.json"
         self.checkpoint_dir = (self.path / "checkpoints").absolute()
         self.tb_dir = self.path / "tb"
+        self.damaged_dir = self.path / "damaged_checkpoints"
+        self.keep = keep  # newest checkpoints kept on disk; None keeps all
         self._manager = None
+        self._read_only = True
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -76,14 +99,18 @@ class Experiment:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def manager(self, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    def manager(self, read_only: bool = False) -> ocp.CheckpointManager:
         if self._manager is None:
+            self._read_only = read_only
             # read_only mode only adds warnings; a reader simply never saves, creates or cleans up.
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                max_to_keep=self.keep,
                 create=not read_only,
                 cleanup_tmp_directories=not read_only,
                 enable_async_checkpointing=True,
+                # orbax removes an old step file by file, so a kill midway would leave a numbered,
+                # half-deleted checkpoint; a rename out of the way first is atomic.
+                todelete_subdir=_TRASH,
             )
             self._manager = ocp.CheckpointManager(self.checkpoint_dir, options=options, item_names=("state", "meta"))
         return self._manager
@@ -98,7 +125,14 @@ class Experiment:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start an asynchronous save; the next save (or `wait`) waits for this one to finish."""
-        self.manager().save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self._empty_trash()
+        saved = self.manager().save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                  meta=ocp.args.JsonSave(meta)))
+        # orbax silently skips a step that is not newer than the newest one it knows of; a run that
+        # reports "checkpoint saved" must never have skipped it.
+        if not saved:
+            raise RuntimeError(f"orbax refused to save step {step} in {self.checkpoint_dir} "
+                               f"(existing steps: {self.checkpoint_steps()})")
 
     def wait(self) -> None:
         if self._manager is not None:
@@ -106,8 +140,16 @@ class Experiment:
 
     def close(self) -> None:
         if self._manager is not None:
-            self._manager.close()
+            self._manager.close()  # waits for the last save, and for old steps to be renamed away
             self._manager = None
+            if not self._read_only:  # nothing runs any more: the whole trash can go
+                shutil.rmtree(self.checkpoint_dir / _TRASH, ignore_errors=True)
+
+    def _empty_trash(self) -> None:
+        trash = self.checkpoint_dir / _TRASH
+        if trash.is_dir():
+            for old in trash.iterdir():  # entries only: orbax may be renaming a new one in right now
+                shutil.rmtree(old, ignore_errors=True)
 
     def restore(self, abstract_state, step: int | None = None, read_only: bool = False):
         """Restore `step` (default: the newest that loads), falling back past corrupt ones.
@@ -127,23 +169,43 @@ class Experiment:
             candidates = steps[::-1]
         if not candidates:
             raise UserError(f"no checkpoint in {self.checkpoint_dir}; train first, or start a new experiment")
-        mgr = self.manager(read_only=read_only)
-        errors = []
+        with _quiet_orbax():  # it reads every step's metadata when it starts
+            mgr = self.manager(read_only=read_only)
+        errors, damaged = [], []
         for s in candidates:
             try:
-                restored = mgr.restore(
-                    s,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-                )
+                with _quiet_orbax():
+                    restored = mgr.restore(
+                        s,
+                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                meta=ocp.args.JsonRestore()),
+                    )
             except Exception as e:  # a damaged checkpoint can fail in many layers (json, tensorstore, zarr)
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                reason = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else "")
                 errors.append(f"step {s}: {reason}")
+                damaged.append(s)
                 warn(f"checkpoint step {s} is unreadable ({reason}); trying an older one")
                 continue
             if errors:
                 warn(f"restored step {s} instead of the newer, damaged checkpoint(s)")
+                if not read_only:
+                    self._set_aside(damaged)
             return restored["state"], restored["meta"], s
         raise UserError(f"no readable checkpoint in {self.checkpoint_dir} ({'; '.join(errors)})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged checkpoints out of checkpoints/ (kept for inspection, never deleted).
+
+        Left in place, a damaged step newer than the restored one would make orbax skip every
+        save up to it, and a later restart would stumble over it again.
+        """
+        self.damaged_dir.mkdir(exist_ok=True)
+        stamp = f"{datetime.now():%Y-%m-%d-%H%M%S}"
+        for s in steps:
+            dest = self.damaged_dir / f"{s}_{stamp}"
+            (self.checkpoint_dir / str(s)).rename(dest)
+            warn(f"moved the damaged checkpoint step {s} to {dest}")
+        self._manager.reload()
 
 
 class TensorBoardWriter:

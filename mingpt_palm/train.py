@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 import signal
 import sys
@@ -105,7 +106,13 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # Exit here rather than raise KeyboardInterrupt: raised inside an orbax save, it is logged
+            # with a traceback and strands orbax's threads, which then hold the interpreter open.
+            # A save cut short leaves only a *.orbax-checkpoint-tmp directory, never restored.
+            print("error: aborted by a second Ctrl-C without saving the current step; checkpoints "
+                  "already on disk are complete and intact", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
@@ -125,11 +132,12 @@ def train(cfg: TrainConfig) -> int:
         if cfg.restore_checkpoint:
             raise UserError("--restore-checkpoint needs --experiment-name (which experiment to continue)")
         name = f"{Path(cfg.dataset_path).stem}_{datetime.now():%Y-%m-%d-%H%M%S}"
-    exp = Experiment(cfg.experiments_dir, name)
+    exp = Experiment(cfg.experiments_dir, name, keep=cfg.keep_checkpoints)
     if cfg.restore_checkpoint:
         exp.check_existing()
         if not exp.checkpoint_steps():
-            raise UserError(f"--restore-checkpoint: {exp.checkpoint_dir} holds no checkpoint to continue from")
+            raise UserError(f"--restore-checkpoint: {exp.checkpoint_dir} holds no checkpoint to continue from "
+                            f"(the run stopped before its first save); delete {exp.path} to start it over")
     else:
         exp.check_new()
 
@@ -224,18 +232,13 @@ def train(cfg: TrainConfig) -> int:
         window_steps += 1
         bad_in_row = 0 if m["finite"] else bad_in_row + 1
         skipped_total += not m["finite"]
+        give_up = bad_in_row >= cfg.max_nonfinite_steps
         if not m["finite"]:
             warn(f"step {step}: non-finite loss or gradient (loss {m['loss']}, grad norm {m['grad_norm']}); "
                  f"update skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_nonfinite_steps:
-                raise TrainingStopped(
-                    f"{bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    f"stopped. Skipped steps never change the parameters, so the checkpoints in "
-                    f"{exp.checkpoint_dir} hold the last good ones; try a lower --optim.learning-rate "
-                    "or --model.dtype float32"
-                )
         bar.update(1)
-        if step % cfg.log_interval == 0 or step == max_steps:
+        # The step that ends the run is logged too, so the curves show the skips that stopped it.
+        if step % cfg.log_interval == 0 or step == max_steps or give_up:
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
@@ -246,6 +249,14 @@ def train(cfg: TrainConfig) -> int:
                     "train/tokens_per_second": tok_s, "train/skipped_steps": skipped_total,
                 })
             window_start, window_steps = time.perf_counter(), 0
+        if give_up:
+            saved = (f"checkpoint step {last_saved} in {exp.checkpoint_dir} holds the last good parameters"
+                     if last_saved else f"no checkpoint had been saved yet in {exp.checkpoint_dir}")
+            raise TrainingStopped(
+                f"{bad_in_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"stopped. Skipped steps never change the parameters: {saved}. Try a lower "
+                "--optim.learning-rate or --model.dtype float32, then resume with --restore-checkpoint"
+            )
 
     skipped_total = int(parallel.unreplicate(rstate.skipped))
     pending = None
@@ -273,6 +284,8 @@ def train(cfg: TrainConfig) -> int:
                     exp.save(done, parallel.unreplicate(rstate), {"step": done, "seed": cfg.seed,
                                                                  "tokens_seen": done * tokens_per_step})
                     last_saved = done
+                    if writer:  # a killed run's curves then reach at least its last checkpoint
+                        writer.flush()
                 if stop.signum is not None:
                     break
             if pending is not None:
