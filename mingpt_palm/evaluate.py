@@ -31,7 +31,8 @@ def make_eval_step(model: PaLM):
 def score(p_eval, rparams, tokens: np.ndarray, weights: np.ndarray, batch_size: int) -> dict:
     """Score windows tokens [W, L+1] (int ids) with weights [W, L]; batches of batch_size windows.
 
-    Returns loss (nats per scored token), bpc and the number of tokens scored.
+    Returns loss (nats per scored token), bpc and the number of tokens scored, over the windows
+    of all processes (each process passes its own).
     """
     n = len(tokens)
     padded = -(-n // batch_size) * batch_size
@@ -43,7 +44,8 @@ def score(p_eval, rparams, tokens: np.ndarray, weights: np.ndarray, batch_size: 
         out = p_eval(rparams, parallel.shard(tokens[start : start + batch_size]),
                      parallel.shard(weights[start : start + batch_size]))
         sums.append(np.asarray(out, dtype=np.float64).reshape(-1))
-    total = float(np.sum(np.concatenate(sums)[:n]))
-    count = int(np.sum(weights[:n]))
+    # Each process scored its own windows: add the totals of all of them.
+    total, count = parallel.sum_over_processes(np.array([np.sum(np.concatenate(sums)[:n]), np.sum(weights[:n])]))
+    count = int(count)
     loss = total / max(count, 1)
     return {"loss": loss, "bpc": loss / math.log(2), "tokens": count}

@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text.summary_v2 import text_pb
@@ -126,6 +127,9 @@ class Experiment:
     def save(self, step: int, state, meta: dict) -> None:
         """Start an asynchronous save; the next save (or `wait`) waits for this one to finish."""
         self._empty_trash()
+        # Host copies: a process can only write arrays it owns, and pmap's per-device arrays are
+        # not global arrays that orbax could split among processes.
+        state = jax.device_get(state)
         saved = self.manager().save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                   meta=ocp.args.JsonSave(meta)))
         # orbax silently skips a step that is not newer than the newest one it knows of; a run that

@@ -23,7 +23,8 @@ def initialize_distributed() -> None:
 
     A single process (the usual case) needs nothing and skips this.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
+    # Must run before anything touches a JAX backend (jax.process_count() would).
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
@@ -31,8 +32,21 @@ def initialize_distributed() -> None:
         )
 
 
-def local_device_count() -> int:
-    return jax.local_device_count()
+def sync(name: str) -> None:
+    """A barrier across processes (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """Elementwise sum of a host array over all processes (identity in a single process)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
 def check_batch(global_batch: int) -> int:
@@ -68,6 +82,11 @@ def pmean(tree):
 
 def psum(tree):
     return jax.lax.psum(tree, AXIS)
+
+
+def pany(flag):
+    """True on every device if it is true on any device of any process."""
+    return jax.lax.pmax(flag.astype(np.int32), AXIS) > 0
 
 
 def pmap(fn, donate_state: bool = False):

@@ -40,8 +40,13 @@ class TrainState:
     skipped: jax.Array  # steps whose loss or gradient was non-finite and were not applied
 
 
-def train_step(state: TrainState, tokens, *, model, tx, schedule, z_loss):
-    """One data-parallel step on this device's slice [B, L+1]; returns (state, metrics)."""
+def train_step(state: TrainState, tokens, stop, *, model, tx, schedule, z_loss):
+    """One data-parallel step on this device's slice [B, L+1]; returns (state, metrics).
+
+    `stop` is this process's "a signal asked me to stop"; the step returns whether any process
+    asked, so that all processes stop after the same step (one stopping alone would leave the
+    others waiting in the next all-reduce forever).
+    """
 
     def loss_fn(params):
         logits, _ = model.apply({"params": params}, tokens[:, :-1])
@@ -55,7 +60,8 @@ def train_step(state: TrainState, tokens, *, model, tx, schedule, z_loss):
     params = optax.apply_updates(state.params, updates)
     # A non-finite step changes nothing but the counters: params and Adam moments stay as they were.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    metrics.update(grad_norm=grad_norm, lr=schedule(state.step - state.skipped), finite=finite)
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step - state.skipped), finite=finite,
+                   stop=parallel.pany(stop))
     new_state = TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
@@ -131,6 +137,8 @@ def train(cfg: TrainConfig) -> int:
     if name is None:
         if cfg.restore_checkpoint:
             raise UserError("--restore-checkpoint needs --experiment-name (which experiment to continue)")
+        if jax.process_count() > 1:  # each process would stamp its own time
+            raise UserError("a multi-process run needs --experiment-name (the same on every process)")
         name = f"{Path(cfg.dataset_path).stem}_{datetime.now():%Y-%m-%d-%H%M%S}"
     exp = Experiment(cfg.experiments_dir, name, keep=cfg.keep_checkpoints)
     if cfg.restore_checkpoint:
@@ -140,6 +148,7 @@ def train(cfg: TrainConfig) -> int:
                             f"(the run stopped before its first save); delete {exp.path} to start it over")
     else:
         exp.check_new()
+    parallel.sync("experiment directory checked")  # before process 0 creates it
 
     corpus = data.load_corpus(cfg.dataset_path, cfg.data, progress=cfg.progress and is_main)
     seq_len = cfg.model.seq_len
@@ -227,8 +236,9 @@ def train(cfg: TrainConfig) -> int:
 
     def handle(step: int, metrics) -> None:
         """Host-side bookkeeping for a finished step (read one step late, see the loop)."""
-        nonlocal bad_in_row, skipped_total, window_start, window_steps
+        nonlocal bad_in_row, skipped_total, window_start, window_steps, stop_agreed
         m = {k: v[0].item() for k, v in jax.device_get(metrics).items()}
+        stop_agreed = stop_agreed or m["stop"]
         window_steps += 1
         bad_in_row = 0 if m["finite"] else bad_in_row + 1
         skipped_total += not m["finite"]
@@ -259,6 +269,7 @@ def train(cfg: TrainConfig) -> int:
             )
 
     skipped_total = int(parallel.unreplicate(rstate.skipped))
+    stop_agreed = False
     pending = None
     stop = _StopRequest()
     try:
@@ -266,7 +277,8 @@ def train(cfg: TrainConfig) -> int:
             for step in range(start, max_steps):
                 batch = data.get_batch(corpus.train, cfg.seed, step, cfg.batch_size, seq_len,
                                        jax.process_index(), n_proc)
-                rstate, metrics = p_step(rstate, parallel.shard(vocab.encode(batch)))
+                asked = np.full(jax.local_device_count(), stop.signum is not None)
+                rstate, metrics = p_step(rstate, parallel.shard(vocab.encode(batch)), asked)
                 # Exactly one step in flight: read the previous step's metrics only after dispatching
                 # this one. Free-running dispatch hangs XLA's CPU all-reduce (DESIGN.md).
                 if pending is not None:
@@ -277,7 +289,7 @@ def train(cfg: TrainConfig) -> int:
                     handle(*pending)
                     pending = None
                     run_eval(done)
-                if done % cfg.checkpoint_interval == 0 or done == max_steps or stop.signum is not None:
+                if done % cfg.checkpoint_interval == 0 or done == max_steps or stop_agreed:
                     if pending is not None:
                         handle(*pending)
                         pending = None
@@ -286,12 +298,12 @@ def train(cfg: TrainConfig) -> int:
                     last_saved = done
                     if writer:  # a killed run's curves then reach at least its last checkpoint
                         writer.flush()
-                if stop.signum is not None:
+                if stop_agreed:
                     break
             if pending is not None:
                 handle(*pending)
                 pending = None
-            if cfg.eval_interval and last_evaluated != int(parallel.unreplicate(rstate.step)) and stop.signum is None:
+            if cfg.eval_interval and last_evaluated != int(parallel.unreplicate(rstate.step)) and not stop_agreed:
                 run_eval(int(parallel.unreplicate(rstate.step)))
             exp.wait()
     finally:
@@ -301,10 +313,11 @@ def train(cfg: TrainConfig) -> int:
             writer.close()
 
     final = int(parallel.unreplicate(rstate.step))
-    if stop.signum is not None:
-        print(f"stopped by {signal.Signals(stop.signum).name} at step {final}; checkpoint saved in "
+    if stop_agreed:
+        by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+        print(f"stopped by {by} at step {final}; checkpoint saved in "
               f"{exp.checkpoint_dir}. Resume with:\n  {resume_command(name)}", file=sys.stderr)
-        return 128 + stop.signum
+        return 128 + (stop.signum or signal.SIGTERM)
     if is_main:
         print(f"done: {final} steps; checkpoint step {last_saved} in {exp.checkpoint_dir}; "
               f"evaluate with: python eval_char.py --experiment-name {name}")
