@@ -2,9 +2,9 @@
 
 The step is built exactly as mingpt_palm/train.py builds it: PaLM + make_optimizer, a jitted
 init_state, parallel.pmap(partial(train.train_step, ...), donate_state=True), parallel.replicate,
-and per step data.get_batch + Vocab.encode + parallel.shard on the host, with exactly one step in
-flight (dispatch step t, then read step t-1's metrics). Host-side batching is therefore inside the
-timing, as it is in a real run; checkpointing, evaluation and logging are not.
+and per step data.get_batch + Vocab.encode + parallel.shard (and the stop flags) on the host, with
+exactly one step in flight (dispatch step t, then read step t-1's metrics). Host-side batching is
+therefore inside the timing, as it is in a real run; checkpointing, evaluation and logging are not.
 
 --warmup steps run first and are excluded; compilation happens there (XLA's compile-duration events
 are summed per phase and printed, so a recompilation anywhere is visible). Then --steps steps are
@@ -157,10 +157,12 @@ def main() -> None:
           f"{cfg.batch_size} = {local_batch // jax.local_device_count()} per device x {n_dev}; "
           f"{tokens_per_step:,} tokens/step; batches from {source}")
 
-    def batch_for(step: int):
+    def step_args(step: int):
+        """The step's inputs as train.py makes them: this process's sharded batch, and the per-device
+        "stop requested" flags (never set here)."""
         raw = data.get_batch(split, cfg.seed, step, cfg.batch_size, args.seq_len, jax.process_index(),
                              jax.process_count())
-        return parallel.shard(vocab.encode(raw))
+        return parallel.shard(vocab.encode(raw)), np.full(jax.local_device_count(), False)
 
     # XLA reports every backend compilation's duration; summing them per phase tells compile time
     # from step time exactly, and shows whether anything recompiled after the warm-up.
@@ -173,7 +175,7 @@ def main() -> None:
     warm_times, warm_compile, losses = [], [], []
     for step in range(args.warmup):
         t0, c0 = time.perf_counter(), compile_s[0]
-        rstate, metrics = p_step(rstate, batch_for(step))
+        rstate, metrics = p_step(rstate, *step_args(step))
         losses.append(float(metrics["loss"][0]))
         warm_times.append(time.perf_counter() - t0)
         warm_compile.append(compile_s[0] - c0)
@@ -183,7 +185,7 @@ def main() -> None:
     t_start = time.perf_counter()
     pending = None
     for step in range(args.warmup, max_steps):
-        rstate, metrics = p_step(rstate, batch_for(step))
+        rstate, metrics = p_step(rstate, *step_args(step))
         if pending is not None:
             float(pending["loss"][0])
         pending = metrics
@@ -195,7 +197,7 @@ def main() -> None:
     # independent check of the formula. It is per device and also counts the optimizer, norms,
     # softmax and masking, so expect it a little above the model FLOPs.
     try:
-        xla_flops = p_step.lower(rstate, batch_for(0)).cost_analysis()["flops"] * jax.local_device_count()
+        xla_flops = p_step.lower(rstate, *step_args(0)).cost_analysis()["flops"] * jax.local_device_count()
     except Exception as e:  # noqa: BLE001 - a cross-check must never sink the benchmark
         xla_flops, xla_error = None, f"{type(e).__name__}: {e}"
 
@@ -253,8 +255,9 @@ def main() -> None:
         print(f"  host memory    RSS {rss:,.0f} MiB now, peak {hwm:,.0f} "
               f"MiB (VmHWM; the backend reports no device memory_stats)")
     if dev.platform == "cpu":
-        print(f"  calibration    a 2048^3 float32 matmul reaches {matmul_tflops(jax, jnp):.3f} TFLOP/s right now "
-              f"(best of 10; {CPU_PEAK_TFLOPS} on an idle machine); busy cores lower every figure above")
+        cal = matmul_tflops(jax, jnp)
+        print(f"  calibration    a 2048^3 float32 matmul reaches {cal:.3f} TFLOP/s right now (best of 10; "
+              f"DESIGN.md says {CPU_PEAK_TFLOPS}); the step's model FLOP/s are {100 * achieved / cal:.0f}% of that")
     print(f"loadavg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
