@@ -40,7 +40,10 @@ class Vocab:
     def build(cls, kind: str, train: np.ndarray) -> "Vocab":
         if kind == "byte":
             return cls("byte", np.arange(256))
-        counts = np.bincount(np.asarray(train), minlength=256)  # streams the memmap in C
+        # In chunks: bincount of the whole memmap would first copy it as int64 (8x its size).
+        counts = np.zeros(256, np.int64)
+        for start in range(0, len(train), 1 << 24):
+            counts += np.bincount(train[start : start + (1 << 24)], minlength=256)
         return cls("char", np.flatnonzero(counts))
 
     def encode(self, raw: np.ndarray) -> np.ndarray:
