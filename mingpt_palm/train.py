@@ -219,8 +219,9 @@ def train(cfg: TrainConfig) -> int:
     window_start, window_steps = time.perf_counter(), 0
 
     def run_eval(step: int) -> None:
-        nonlocal last_evaluated
+        nonlocal last_evaluated, window_start
         last_evaluated = step
+        began = time.perf_counter()
         rparams = rstate.params
         result = evaluate.score(p_eval, rparams, val_tokens, np.ones(val_tokens[:, 1:].shape, np.float32),
                                 local_batch)
@@ -233,6 +234,7 @@ def train(cfg: TrainConfig) -> int:
                 writer.text(step, "samples/val_prompt", "    " + text.replace("\n", "\n    "))
             writer.flush()
         bar.write(f"step {step}: val loss {result['loss']:.4f}, val bpc {result['bpc']:.4f}")
+        window_start += time.perf_counter() - began  # tokens/s counts training time only
 
     def handle(step: int, metrics) -> None:
         """Host-side bookkeeping for a finished step (read one step late, see the loop)."""
