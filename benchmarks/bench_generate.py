@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _common import loadavg, matmul_tflops  # noqa: E402  (benchmarks/ is on sys.path)
 from mingpt_palm.config import ModelConfig  # noqa: E402
 from mingpt_palm.model import PaLM, init_cache, param_count  # noqa: E402
 from mingpt_palm.sampling import generate  # noqa: E402
@@ -68,20 +69,6 @@ def timed(fn, repeats: int) -> tuple[float, list[float], np.ndarray]:
     return first, times, out
 
 
-def matmul_tflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-N jitted float32 n^3 matmul rate right now (how DESIGN.md measured the CPU's ~0.48
-    TFLOP/s): tells a reader whether the cores were shared while the figures were taken."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(x, x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x, x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024], help="model seq_len = prompt length")
@@ -96,7 +83,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    print(f"loadavg (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(loadavg())
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}); jax {jax.__version__}")
     rows = []
@@ -177,7 +164,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['ctx']:>7} {1e3 * r['prefill']:>15.1f} {1e3 * r['per_char']:>17.3f} "
               f"{1e3 * r['recompute']['min'] / args.new_chars:>21.1f}")
-    print(f"\nloadavg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; a 2048^3 float32 matmul "
+    print(f"\n{loadavg()} at the end; a 2048^3 float32 matmul "
           f"reaches {matmul_tflops():.3f} TFLOP/s now ({dev.platform})")
 
 

@@ -36,6 +36,7 @@ import numpy as np
 # sys.path; the package is not pip-installed, so add the root explicitly.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import loadavg  # noqa: E402  (benchmarks/ is on sys.path)
 from mingpt_palm import data  # noqa: E402
 from mingpt_palm.config import DataConfig  # noqa: E402
 
@@ -106,7 +107,7 @@ def main() -> None:
     p.add_argument("--tmpdir", default=None, help="where to create the temporary directory (default: system temp)")
     args = p.parse_args()
 
-    print(f"loadavg (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(loadavg())
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_", dir=args.tmpdir))
     try:
         path = tmp / "corpus.txt"

@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import loadavg, matmul_tflops  # noqa: E402  (benchmarks/ is on sys.path)
+
 # Dense peaks in TFLOP/s by (device_kind substring, dtype). float32 on these GPUs runs as TF32,
 # XLA's default matmul precision there.
 GPU_PEAK_TFLOPS = {
@@ -69,20 +71,6 @@ def proc_status(*keys: str) -> dict[str, int]:
     return out
 
 
-def matmul_tflops(jax, jnp, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-N jitted float32 n^3 matmul rate right now: the way DESIGN.md measured the CPU peak.
-    Printed beside the MFU so that a reader can tell a slow step from a busy machine."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(x, x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x, x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=256)
@@ -105,7 +93,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    print(f"loadavg (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(loadavg())
     import jax
 
     if args.cpu_devices:
@@ -255,10 +243,10 @@ def main() -> None:
         print(f"  host memory    RSS {rss:,.0f} MiB now, peak {hwm:,.0f} "
               f"MiB (VmHWM; the backend reports no device memory_stats)")
     if dev.platform == "cpu":
-        cal = matmul_tflops(jax, jnp)
+        cal = matmul_tflops()
         print(f"  calibration    a 2048^3 float32 matmul reaches {cal:.3f} TFLOP/s right now (best of 10; "
               f"DESIGN.md says {CPU_PEAK_TFLOPS}); the step's model FLOP/s are {100 * achieved / cal:.0f}% of that")
-    print(f"loadavg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{loadavg()} at the end")
 
 
 if __name__ == "__main__":
