@@ -26,7 +26,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
