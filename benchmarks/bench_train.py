@@ -97,7 +97,6 @@ def main() -> None:
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
-    import jax.numpy as jnp
     import numpy as np
 
     from mingpt_palm import data, parallel

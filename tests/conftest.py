@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,26 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
                 if value.metadata.plugin_data.plugin_name == "scalars":
                     out.setdefault(value.tag, []).append((event.step, value.tensor.float_val[0]))
     return out
+
+
+def load_state(exp_dir: Path, step: int | None = None) -> dict:
+    """The saved train state of a checkpoint (the newest when step is None), as a plain tree."""
+    import orbax.checkpoint as ocp
+
+    ckpt = exp_dir / "checkpoints"
+    step = step if step is not None else max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    with ocp.StandardCheckpointer() as c:
+        return c.restore((ckpt / str(step) / "state").absolute())
+
+
+def leaves(tree) -> list:
+    import jax
+    import numpy as np
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,20 +1,13 @@
 """Two processes on localhost form one JAX job (jax.distributed, gloo collectives on CPU)."""
 
-import os
-import socket
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-from conftest import ROOT, TINY, cli_env, read_scalars, run_cli
-from test_train_cli import leaves, load_params
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, read_scalars, run_cli
 
 
 def test_two_processes_train_like_one(shakespeare, tmp_path):
@@ -25,7 +18,7 @@ def test_two_processes_train_like_one(shakespeare, tmp_path):
     """
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", 10,
             "--checkpoint-interval", 5, "--eval-interval", 5, "--eval-batches", 2, "--log-interval", 5]
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         env = cli_env(devices=2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
@@ -45,8 +38,7 @@ def test_two_processes_train_like_one(shakespeare, tmp_path):
 
     run_cli("train_char.py", *args, "--experiment-name", "one", devices=4)
     for step in (5, 10):
-        _, two = load_params(tmp_path / "two", step)
-        _, one = load_params(tmp_path / "one", step)
+        two, one = load_state(tmp_path / "two", step)["params"], load_state(tmp_path / "one", step)["params"]
         for a, b in zip(leaves(two), leaves(one), strict=True):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
     # validation covers the windows of both processes, so it matches the single process too
@@ -58,11 +50,9 @@ def test_two_processes_train_like_one(shakespeare, tmp_path):
 
 def test_a_signal_to_one_process_stops_both_after_the_same_step(shakespeare, tmp_path):
     """Ctrl-C reaching one process only: both stop after the same step and save one checkpoint."""
-    import time
-
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", 100000,
             "--checkpoint-interval", 20, "--eval-interval", 0, "--experiment-name", "sig"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         env = cli_env(devices=2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
@@ -76,7 +66,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(shakespeare, tmp
         while not (ckpt / "20").is_dir() and time.time() < deadline and all(p.poll() is None for p in procs):
             time.sleep(0.05)
         assert (ckpt / "20").is_dir(), "no first checkpoint"
-        procs[1].send_signal(__import__("signal").SIGINT)
+        procs[1].send_signal(signal.SIGINT)
         outs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
         for p in procs:

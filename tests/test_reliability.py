@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, read_scalars, run_cli
+from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, read_scalars, run_cli
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -72,17 +71,6 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 180, interval
 
 def steps_in(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
-
-
-def load_state(exp_dir: Path, step: int) -> dict:
-    with ocp.StandardCheckpointer() as c:
-        return c.restore((exp_dir / "checkpoints" / str(step) / "state").absolute())
-
-
-def leaves(tree) -> list[np.ndarray]:
-    import jax
-
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def assert_bitwise_equal(a, b) -> None:
