@@ -272,7 +272,13 @@ def train(cfg: TrainConfig) -> int:
 
     skipped_total = int(parallel.unreplicate(rstate.skipped))
     stop_agreed = False
-    pending = None
+    pending = None  # (step, metrics) dispatched but not yet read on the host
+
+    def drain() -> None:
+        nonlocal pending
+        if pending is not None:
+            handle(*pending)
+            pending = None
     stop = _StopRequest()
     try:
         with stop:
@@ -283,18 +289,14 @@ def train(cfg: TrainConfig) -> int:
                 rstate, metrics = p_step(rstate, parallel.shard(vocab.encode(batch)), asked)
                 # Exactly one step in flight: read the previous step's metrics only after dispatching
                 # this one. Free-running dispatch hangs XLA's CPU all-reduce (DESIGN.md).
-                if pending is not None:
-                    handle(*pending)
+                drain()
                 pending = (step + 1, metrics)
                 done = step + 1
                 if cfg.eval_interval and done % cfg.eval_interval == 0:
-                    handle(*pending)
-                    pending = None
+                    drain()
                     run_eval(done)
                 if done % cfg.checkpoint_interval == 0 or done == max_steps or stop_agreed:
-                    if pending is not None:
-                        handle(*pending)
-                        pending = None
+                    drain()
                     exp.save(done, parallel.unreplicate(rstate), {"step": done, "seed": cfg.seed,
                                                                  "tokens_seen": done * tokens_per_step})
                     last_saved = done
@@ -302,11 +304,10 @@ def train(cfg: TrainConfig) -> int:
                         writer.flush()
                 if stop_agreed:
                     break
-            if pending is not None:
-                handle(*pending)
-                pending = None
-            if cfg.eval_interval and last_evaluated != int(parallel.unreplicate(rstate.step)) and not stop_agreed:
-                run_eval(int(parallel.unreplicate(rstate.step)))
+            drain()
+            final = int(parallel.unreplicate(rstate.step))
+            if cfg.eval_interval and last_evaluated != final and not stop_agreed:
+                run_eval(final)
             exp.wait()
     finally:
         bar.close()
@@ -314,7 +315,6 @@ def train(cfg: TrainConfig) -> int:
         if writer:
             writer.close()
 
-    final = int(parallel.unreplicate(rstate.step))
     if stop_agreed:
         by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
         print(f"stopped by {by} at step {final}; checkpoint saved in "
