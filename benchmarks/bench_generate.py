@@ -21,6 +21,7 @@ carry context from characters the recompute window has dropped).
 
 Run from the repository root:
   JAX_PLATFORMS=cpu python benchmarks/bench_generate.py [--contexts 512 1024] [--new-chars 128]
+tests/test_benchmarks.py runs it with tiny arguments on every test run, so that it cannot rot.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (num_samples)")
     p.add_argument("--new-chars", type=int, default=128, help="characters generated per call")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per path (best and median reported)")
+    p.add_argument("--calibration-size", type=int, default=2048,
+                   help="n of the n^3 float32 matmul timed at the end, to tell a busy machine from slow code")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -163,8 +166,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['ctx']:>7} {1e3 * r['prefill']:>15.1f} {1e3 * r['per_char']:>17.3f} "
               f"{1e3 * r['recompute']['min'] / args.new_chars:>21.1f}")
-    print(f"\n{loadavg()} at the end; a 2048^3 float32 matmul "
-          f"reaches {matmul_tflops():.3f} TFLOP/s now ({dev.platform})")
+    n = args.calibration_size
+    print(f"\n{loadavg()} at the end; a {n}^3 float32 matmul "
+          f"reaches {matmul_tflops(n):.3f} TFLOP/s now ({dev.platform})")
 
 
 if __name__ == "__main__":

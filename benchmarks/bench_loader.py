@@ -18,6 +18,7 @@ What it does:
 
 Run from the repository root:
   python benchmarks/bench_loader.py [--size-mb 100] [--batches 1000] [--batch 32] [--seq-len 512]
+tests/test_benchmarks.py runs it with tiny arguments on every test run, so that it cannot rot.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ exactly one step in flight (dispatch step t, then read step t-1's metrics). Host
 therefore inside the timing, as it is in a real run; checkpointing, evaluation and logging are not.
 
 --warmup steps run first and are excluded; compilation happens there (XLA's compile-duration events
-are summed per phase and printed, so a recompilation anywhere is visible). Then --steps steps are
-timed from the dispatch of the first to the arrival of the last one's metrics.
+are summed and counted per phase and printed, so a recompilation anywhere is visible). Then --steps
+steps are timed from the dispatch of the first to the arrival of the last one's metrics.
 
 Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * H * Q * T, where
 N counts the parameters of every matmul a token goes through: the dense kernels of the blocks
@@ -28,6 +28,7 @@ CPU the process's resident set (VmRSS now, VmHWM peak).
 Run from the repository root:
   JAX_PLATFORMS=cpu python benchmarks/bench_train.py [--dim 256 --depth 4 --seq-len 512 --batch 32 --steps 5]
   python benchmarks/bench_train.py --dim 1024 --depth 12 --heads 8 --dim-head 128 --dtype bfloat16 --batch 64  # GPU
+tests/test_benchmarks.py runs it with tiny arguments on every test run, so that it cannot rot.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main() -> None:
                    help="simulate this many CPU devices (exercises the pmap/pmean path; they share the same cores)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"),
                    help="corpus file to draw batches from (random bytes if it does not exist)")
+    p.add_argument("--calibration-size", type=int, default=2048,
+                   help="n of the n^3 float32 matmul timed on CPU after the run, for comparison with the peak "
+                        "(2048 is how DESIGN.md measured it; small sizes understate the peak)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -115,10 +119,10 @@ def main() -> None:
     max_steps = args.warmup + args.steps
     model_cfg = ModelConfig(seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
                             dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, num_tokens=vocab.size)
-    # A 1-step warmup so the few steps here actually learn: the falling loss printed at the end shows
-    # the step is the real one. The learning rate does not change the step's cost.
+    # No warmup: every timed update, the first one included, runs at the peak rate, as most of a real
+    # run does. The learning rate does not change the step's cost, only what the printed losses mean.
     cfg = TrainConfig(batch_size=args.batch, max_steps=max_steps, seed=args.seed, model=model_cfg,
-                      optim=OptimizerConfig(warmup_steps=1))
+                      optim=OptimizerConfig(warmup_steps=0))
     local_batch = parallel.check_batch(cfg.batch_size)
     model = PaLM(cfg.model)
     tx, schedule, _ = make_optimizer(cfg.optim, max_steps, jax.eval_shape(partial(init_params, model, cfg)))
@@ -150,12 +154,16 @@ def main() -> None:
                              jax.process_count())
         return parallel.shard(vocab.encode(raw)), np.full(jax.local_device_count(), False)
 
-    # XLA reports every backend compilation's duration; summing them per phase tells compile time
-    # from step time exactly, and shows whether anything recompiled after the warm-up.
-    compile_s = [0.0]
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **_: compile_s.__setitem__(0, compile_s[0] + secs)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+    # XLA reports every backend compilation's duration; summing (and counting) them per phase tells
+    # compile time from step time exactly, and shows whether anything recompiled after the warm-up.
+    compile_s, compiles = [0.0], [0]
+
+    def on_duration(event, secs, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_s[0] += secs
+            compiles[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
 
     # Warm-up: compilation happens here; wait for each step so none of it leaks into the timed window.
     warm_times, warm_compile, losses = [], [], []
@@ -167,7 +175,7 @@ def main() -> None:
         warm_compile.append(compile_s[0] - c0)
 
     # Timed: one step in flight, as train.py runs (free-running dispatch can hang CPU all-reduces).
-    c0 = compile_s[0]
+    c0, n0 = compile_s[0], compiles[0]
     t_start = time.perf_counter()
     pending = None
     for step in range(args.warmup, max_steps):
@@ -177,7 +185,7 @@ def main() -> None:
         pending = metrics
     last_loss = float(pending["loss"][0])
     elapsed = time.perf_counter() - t_start
-    timed_compile = compile_s[0] - c0
+    timed_compile, timed_compiles = compile_s[0] - c0, compiles[0] - n0
 
     # XLA's own count of the step's floating-point work, from the lowered (not compiled) HLO: an
     # independent check of the formula. It is per device and also counts the optimizer, norms,
@@ -219,7 +227,8 @@ def main() -> None:
     print(f"warm-up: {args.warmup} steps: " + ", ".join(f"{t:.2f} s ({c:.2f} s compiling)"
                                                      for t, c in zip(warm_times, warm_compile))
           + f"; loss {losses[0]:.3f} at step 1 -> {last_loss:.3f} at step {max_steps}")
-    print(f"\ntimed: {args.steps} steps in {elapsed:.2f} s ({timed_compile:.2f} s of it compiling)")
+    print(f"\ntimed: {args.steps} steps in {elapsed:.2f} s ({timed_compile:.2f} s of it compiling, "
+          f"{timed_compiles} compilations)")
     print(f"  step time      {1e3 * step_s:12,.1f} ms (mean)")
     print(f"  throughput     {tok_s:12,.0f} tokens/s ({cfg.batch_size / step_s:,.2f} sequences/s)")
     achieved = tok_s * flops_tok / 1e12
@@ -241,8 +250,9 @@ def main() -> None:
         print(f"  host memory    RSS {rss:,.0f} MiB now, peak {hwm:,.0f} "
               f"MiB (VmHWM; the backend reports no device memory_stats)")
     if dev.platform == "cpu":
-        cal = matmul_tflops()
-        print(f"  calibration    a 2048^3 float32 matmul reaches {cal:.3f} TFLOP/s right now (best of 10; "
+        n = args.calibration_size
+        cal = matmul_tflops(n)
+        print(f"  calibration    a {n}^3 float32 matmul reaches {cal:.3f} TFLOP/s right now (best of 10; "
               f"DESIGN.md says {CPU_PEAK_TFLOPS}); the step's model FLOP/s are {100 * achieved / cal:.0f}% of that")
     print(f"{loadavg()} at the end")
 

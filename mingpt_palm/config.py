@@ -7,14 +7,19 @@ Every field's docstring is its `--help` text. The sequence length lives in exact
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import tyro
 
 
 class UserError(Exception):
     """Bad input from the user: the scripts print the message as one line and exit with code 2."""
+
+
+class TrainingStopped(Exception):
+    """The run cannot continue (non-finite steps, a full disk): one line, exit code 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +55,9 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
     """The cosine decays to learning_rate * min_lr_ratio at max_steps."""
     warmup_steps: int = 1000
-    """Linear warmup from 0, in optimizer steps (independent of device count)."""
+    """Linear warmup over this many optimizer steps: update i uses learning_rate * i / warmup_steps (so
+    the first update already moves the weights) and reaches learning_rate at update warmup_steps; 0
+    starts at the peak. Counted in optimizer steps, independent of device count."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to dense kernels only (not norms, not the embedding)."""
     b1: float = 0.9
@@ -89,7 +96,11 @@ class TrainConfig:
     experiments_dir: str = "experiments"
     """Parent directory of all experiment directories."""
     restore_checkpoint: bool = False
-    """Continue the experiment named by --experiment-name from its latest checkpoint."""
+    """Continue the experiment named by --experiment-name from its newest checkpoint, with the settings
+    saved in its config.json (flags given now may change only step counts, intervals and logging)."""
+    restore_step: Optional[int] = None
+    """Continue from this checkpoint step instead of the newest (implies --restore-checkpoint); newer
+    checkpoints are moved to superseded_checkpoints/ in the experiment, never deleted."""
     batch_size: int = 32
     """Global batch in sequences per step, split evenly over all devices of all processes."""
     max_steps: int = 100_000
@@ -113,7 +124,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar (on a terminal); otherwise, and with --no-progress, print one line every
+    --log-interval steps."""
+    distributed_timeout: int = 300
+    """Seconds a multi-process job waits for every process to join it and to report its settings
+    before giving up with an error that names the missing process."""
     model: ModelConfig = ModelConfig()
     optim: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
@@ -151,29 +166,113 @@ class EvalConfig:
     """Seeds the sampler and the choice of the default prompt."""
 
 
+# The settings that define what a run computes. A resumed run must keep them (each change is refused,
+# naming the field), and a saved config.json must hold them. Everything else (step counts,
+# intervals, logging, where files live) may change from one resume to the next.
+RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.vocab", "data.val_fraction",
+                "data.test_fraction")
+
+SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
+STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32
+
+
+def is_run_defining(path: str) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in RUN_DEFINING)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, d: dict):
-    """Rebuild a (nested) config dataclass from `to_dict` output, ignoring unknown keys."""
+def flatten(cfg, prefix: str = "") -> dict[str, Any]:
+    """{"model.dim": 64, "seed": 0, ...}: every leaf field of a nested config by its dotted path."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def differences(saved, given, keep=lambda path: True) -> list[tuple[str, Any, Any]]:
+    """(path, saved value, given value) for every leaf field that differs and that `keep` selects."""
+    a, b = flatten(saved), flatten(given)
+    return [(k, a[k], b[k]) for k in a if keep(k) and a[k] != b[k]]
+
+
+def _base_type(hint):
+    while typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _type_ok(value, hint) -> bool:
+    hint = _base_type(hint)
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # JSON writes 1.0 as 1.0, but a hand-edited file may say 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def from_dict(cls, d: dict, required=lambda path: False, prefix: str = ""):
+    """Rebuild a nested config dataclass from `to_dict` output, checking every value's type.
+
+    Keys that `required(path)` selects must be present; other missing keys take their defaults (a
+    config written before a field existed). Unknown keys are ignored. Raises ValueError naming every
+    problem, so that a damaged config.json is reported as such, never as something else downstream.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the file'} is {type(d).__name__}, expected an object")
     hints = typing.get_type_hints(cls, include_extras=True)
-    kwargs = {}
+    kwargs, problems = {}, []
     for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        hint = _base_type(hints[f.name])
         if f.name not in d:
+            if required(path) or (dataclasses.is_dataclass(hint) and any(
+                    required(f"{path}.{g.name}") for g in dataclasses.fields(hint))):
+                problems.append(f"lacks {path}")
             continue
-        value, hint = d[f.name], hints[f.name]
-        while typing.get_origin(hint) is Annotated:
-            hint = typing.get_args(hint)[0]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value)
-        kwargs[f.name] = value
+        value = d[f.name]
+        if dataclasses.is_dataclass(hint):
+            try:
+                kwargs[f.name] = from_dict(hint, value, required, path + ".")
+            except ValueError as e:
+                problems.append(str(e))
+        elif _type_ok(value, hint):
+            kwargs[f.name] = float(value) if hint is float else value
+        else:
+            expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            problems.append(f"{path} is {value!r} (expected {expected})")
+    if problems:
+        raise ValueError("; ".join(problems))
     return cls(**kwargs)
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
+def require_finite(cfg) -> None:
+    """inf and nan pass every `x > 0` style check that they fail silently later: refuse them first."""
+    for path, value in flatten(cfg).items():
+        if isinstance(value, float):
+            _require(math.isfinite(value), f"{_flag(path)} {value} must be a finite number")
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -185,20 +284,41 @@ def validate_model(m: ModelConfig) -> None:
 
 def validate_train(cfg: TrainConfig) -> None:
     """Reject nonsensical numbers before anything touches the disk."""
+    require_finite(cfg)
     validate_model(cfg.model)
     o = cfg.optim
-    _require(o.learning_rate > 0, f"--optim.learning-rate {o.learning_rate} must be > 0")
+    # Adam moves every weight by about the learning rate per step: above 1 a single step rewrites the model.
+    _require(0 < o.learning_rate <= 1, f"--optim.learning-rate {o.learning_rate} must be in (0, 1]")
     _require(0 <= o.min_lr_ratio <= 1, f"--optim.min-lr-ratio {o.min_lr_ratio} must be in [0, 1]")
     _require(o.warmup_steps >= 0, f"--optim.warmup-steps {o.warmup_steps} must be >= 0")
     _require(o.weight_decay >= 0, f"--optim.weight-decay {o.weight_decay} must be >= 0")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"--optim.b1/--optim.b2 ({o.b1}, {o.b2}) must be in [0, 1)")
     _require(o.eps > 0, f"--optim.eps {o.eps} must be > 0")
     _require(o.grad_clip >= 0, f"--optim.grad-clip {o.grad_clip} must be >= 0 (0 disables clipping)")
+    d = cfg.data
+    for name in ("val_fraction", "test_fraction"):
+        _require(0 <= getattr(d, name) < 1, f"--data.{name.replace('_', '-')} {getattr(d, name)} must be in [0, 1)")
+    _require(d.val_fraction + d.test_fraction < 1,
+             f"--data.val-fraction {d.val_fraction} + --data.test-fraction {d.test_fraction} leave no training "
+             "data; lower them so that they add up to less than 1")
+    _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
     _require(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1")
-    _require(cfg.max_steps >= 1, f"--max-steps {cfg.max_steps} must be >= 1")
+    _require(1 <= cfg.max_steps <= STEP_LIMIT, f"--max-steps {cfg.max_steps} must be in [1, 2**31 - 1]")
     _require(cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs {cfg.max_epochs} must be > 0")
-    for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps"):
+    _require(cfg.restore_step is None or cfg.restore_step >= 1, f"--restore-step {cfg.restore_step} must be >= 1")
+    for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
+                 "distributed_timeout"):
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     for name in ("eval_interval", "sample_length"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
     _require(cfg.eval_batches >= 1, f"--eval-batches {cfg.eval_batches} must be >= 1")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """The checks that need no experiment; the vocabulary-dependent ones are in sampling."""
+    require_finite(cfg)
+    _require(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1")
+    _require(cfg.checkpoint_step is None or cfg.checkpoint_step >= 1,
+             f"--checkpoint-step {cfg.checkpoint_step} must be >= 1")
+    _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
+    _require(cfg.prompt is None or cfg.prompt_file is None, "give either --prompt or --prompt-file, not both")

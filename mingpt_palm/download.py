@@ -91,9 +91,13 @@ def resolve_corpus(
         if path.stat().st_size == 0:
             raise UserError(f"{path} is empty: a corpus needs at least one byte of text")
         return path, None
-    # A directory can never be a corpus, so when it shares a registered name the name is meant.
-    if path.exists() and path_or_name not in corpora:
+    # A directory (or a FIFO, a device) can never be a corpus, so when it shares a registered name the
+    # name is meant.
+    if path.is_dir() and path_or_name not in corpora:
         raise UserError(f"{path} is a directory; pass a text file or one of: {_names(corpora)}")
+    if path.exists() and path_or_name not in corpora:
+        raise UserError(f"{path} is not a regular file (a FIFO, device or socket cannot be memory-mapped and "
+                        f"split); pass a text file or one of: {_names(corpora)}")
     if path_or_name not in corpora:
         raise UserError(
             f"{path_or_name!r} is neither an existing file nor a registered corpus "

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mingpt_palm import parallel
-from mingpt_palm.model import PaLM
+from mingpt_palm.model import PaLM, token_nll
 
 
 def make_eval_step(model: PaLM):
@@ -21,9 +20,8 @@ def make_eval_step(model: PaLM):
 
     def eval_step(params, tokens, weights):
         logits, _ = model.apply({"params": params}, tokens[..., :-1])
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, tokens[..., 1:, None], axis=-1)[..., 0]
-        return jnp.sum((lse - target) * weights, axis=-1)
+        nll, _ = token_nll(logits, tokens[..., 1:])  # the training loss's own code, not a copy
+        return jnp.sum(nll * weights, axis=-1)
 
     return parallel.pmap(eval_step)
 
@@ -43,7 +41,7 @@ def score(p_eval, rparams, tokens: np.ndarray, weights: np.ndarray, batch_size: 
     for start in range(0, padded, batch_size):
         out = p_eval(rparams, parallel.shard(tokens[start : start + batch_size]),
                      parallel.shard(weights[start : start + batch_size]))
-        sums.append(np.asarray(out, dtype=np.float64).reshape(-1))
+        sums.append(parallel.fetch(out).astype(np.float64).reshape(-1))  # Ctrl-C is noticed between batches too
     # Each process scored its own windows: add the totals of all of them.
     total, count = parallel.sum_over_processes(np.array([np.sum(np.concatenate(sums)[:n]), np.sum(weights[:n])]))
     count = int(count)

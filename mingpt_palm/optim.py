@@ -24,15 +24,23 @@ def decay_mask(params):
 
 
 def lr_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to learning_rate, then cosine to learning_rate * min_lr_ratio at max_steps."""
-    warmup = min(cfg.warmup_steps, max_steps)
-    return optax.warmup_cosine_decay_schedule(
+    """The learning rate as a function of optax's update count (0 for the first update).
+
+    Update i (1-based) gets learning_rate * i / warmup_steps during the warmup, so the first update
+    already learns (a ramp starting at 0 would make it a no-op), learning_rate at update
+    warmup_steps, then a cosine to learning_rate * min_lr_ratio at update max_steps, and that floor
+    after. warmup_steps 0 (or 1) starts at the peak. train.py logs schedule(step - skipped) for the
+    step being taken: the same count optax passes.
+    """
+    warmup = max(1, min(cfg.warmup_steps, max_steps))
+    by_update = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=warmup,
         decay_steps=max(max_steps, warmup + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
+    return lambda count: by_update(count + 1)
 
 
 def make_optimizer(cfg: OptimizerConfig, max_steps: int, params):

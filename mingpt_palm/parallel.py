@@ -8,6 +8,10 @@ jit + sharding path (FSDP) replaces this module and nothing else.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
+import time
 
 import flax.jax_utils
 import jax
@@ -18,26 +22,109 @@ from mingpt_palm.config import UserError
 AXIS = "devices"
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(timeout_s: int = 300) -> None:
     """Join a multi-process job when the launcher says so (JAX_COORDINATOR_ADDRESS and friends).
 
-    A single process (the usual case) needs nothing and skips this.
+    A single process (the usual case) needs nothing and skips this. A process that cannot form the job
+    within timeout_s gives up with one line that says who is missing, instead of waiting forever.
     """
     # Must run before anything touches a JAX backend (jax.process_count() would).
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address or jax.distributed.is_initialized():
+        return
+    n, me = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    joined = threading.Event()
+
+    def give_up() -> None:
+        # When its own timeout expires, XLA aborts the process with a C++ stack trace, which no Python code
+        # can catch: this watchdog speaks first (the call releases the GIL while it waits).
+        if joined.wait(timeout_s):
+            return
+        if me == 0:
+            who = f"not every one of processes 1-{n - 1} joined at {address}"
+        else:
+            host, _, port = address.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                who = f"process 0 (the coordinator, at {address}) answers, but not every process joined"
+            except OSError:
+                who = f"process 0 (the coordinator, at {address}) is not answering"
+        print(f"error: process {me} of {n} could not form the job within {timeout_s} s: {who}; start all {n} "
+              "processes with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or raise --distributed-timeout",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    threading.Thread(target=give_up, daemon=True).start()
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=me,
+                                   initialization_timeout=timeout_s + 60)
+    finally:
+        joined.set()
 
 
-def sync(name: str) -> None:
-    """A barrier across processes (nothing to wait for in a single process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+_KEYS = "mingpt_palm"  # our corner of the job's key-value store
+_FAILED = f"{_KEYS}/failed/"
 
-        multihost_utils.sync_global_devices(name)
+
+def _client():
+    # The coordination service's key-value store (jax.distributed has no public API for it yet):
+    # unlike a collective, a wait on it has a timeout, and a failed peer can leave word there.
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def agree(tag: str, payload: str, timeout_s: float) -> list[tuple[int, str]]:
+    """Publish this process's payload under `tag`; return [(process, payload)] of every other process.
+
+    Waits at most timeout_s; a process that never reports is named, and one that failed first (see
+    `report_failure`) stops this one at once with its reason.
+    """
+    n, me = jax.process_count(), jax.process_index()
+    if n == 1:
+        return []
+    client = _client()
+    client.key_value_set(f"{_KEYS}/{tag}/{me}", payload)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entries = dict(client.key_value_dir_get(f"{_KEYS}/"))
+        for key, reason in entries.items():
+            if key.startswith(_FAILED):
+                raise UserError(f"process {key[len(_FAILED):]} stopped ({reason}); stopping too")
+        others = {pid: entries.get(f"{_KEYS}/{tag}/{pid}") for pid in range(n) if pid != me}
+        missing = [pid for pid, value in others.items() if value is None]
+        if not missing:
+            return sorted(others.items())
+        if time.monotonic() > deadline:
+            raise UserError(f"process(es) {', '.join(map(str, missing))} of {n} did not reach '{tag}' within "
+                            f"{timeout_s:g} s (stopped, or much slower?); raise --distributed-timeout if they are "
+                            "only slow")
+        time.sleep(0.05)
+
+
+def barrier(tag: str, timeout_s: float) -> None:
+    """Wait until every process gets here (at most timeout_s; nothing to wait for in a single process)."""
+    agree(f"barrier/{tag}", "", timeout_s)
+
+
+def report_failure(message: str) -> None:
+    """Leave word in the job's key-value store, so that processes waiting in `agree` stop at once."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        try:
+            _client().key_value_set(f"{_FAILED}{jax.process_index()}", message, allow_overwrite=True)
+        except Exception:  # the job may be going down already; the message is printed locally anyway
+            pass
+
+
+def fetch(x) -> np.ndarray:
+    """np.asarray(x), waiting in short sleeps: a blocking read of a long computation (a generation of
+    thousands of characters) would not notice Ctrl-C until it ends."""
+    began = time.perf_counter()
+    while not x.is_ready():
+        # Sleeps grow with the wait: a short computation is read within ~10% of its time, a long one
+        # within 50 ms, which is still well inside "Ctrl-C stops it at once".
+        time.sleep(min(0.05, max(1e-4, (time.perf_counter() - began) / 10)))
+    return np.asarray(x)
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:

@@ -8,12 +8,14 @@ works as a sliding window: each new character attends to the seq_len - 1 charact
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mingpt_palm import parallel
 from mingpt_palm.config import ModelConfig, UserError
 from mingpt_palm.model import PaLM, init_cache
 
@@ -41,8 +43,8 @@ def sample_token(logits, key, temperature: float, top_k: int | None, top_p: floa
 
 
 def check_sampling_args(vocab_size: int, temperature: float, top_k, top_p, steps: int, num_samples: int) -> None:
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature} must be >= 0 (0 means greedy)")
+    if not (math.isfinite(temperature) and temperature >= 0):  # nan would sample NUL bytes, inf noise
+        raise UserError(f"--temperature {temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise UserError(f"--sample-from-top-k {top_k} must be between 1 and the vocabulary size {vocab_size}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -112,4 +114,4 @@ def generate(params, cfg: ModelConfig, prompt_ids, steps: int, key, num_samples:
     fn = _generate_recompute if recompute else _generate_cached
     out = fn(params, padded, jnp.int32(prompt_len), key, cfg=cfg, steps=steps, num_samples=num_samples,
              temperature=float(temperature), top_k=top_k, top_p=top_p)
-    return np.asarray(out)
+    return parallel.fetch(out)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -64,15 +66,14 @@ def test_split_windows_predict_every_byte_once():
     np.testing.assert_array_equal(tokens[:, :-1][weights > 0], split[:-1])
 
 
-def test_char_vocab(tmp_path):
+def test_char_vocab():
     train = np.frombuffer(b"abcabc", np.uint8)
     v = data.Vocab.build("char", train)
     assert v.size == 4 and v.unk_id == 3
     np.testing.assert_array_equal(v.encode(np.frombuffer(b"cab!", np.uint8)), [2, 0, 1, 3])
     assert v.decode([0, 1, 2, 3]) == b"abc?"
     assert v.unknown_count(np.frombuffer(b"a!!b", np.uint8)) == 2
-    v.save(tmp_path / "v.json")
-    w = data.Vocab.load(tmp_path / "v.json")
+    w = data.Vocab.from_json(json.loads(json.dumps(v.to_json())))  # as vocab.json stores it
     np.testing.assert_array_equal(w.encode(np.arange(256, dtype=np.uint8)), v.encode(np.arange(256, dtype=np.uint8)))
     b = data.Vocab.build("byte", train)
     assert b.size == 256 and b.decode(b.encode(np.frombuffer(b"hi\xff", np.uint8))) == b"hi\xff"
@@ -82,3 +83,26 @@ def test_too_small_split_is_a_clear_error(tmp_path):
     c = _corpus(tmp_path, 400)
     with pytest.raises(UserError, match="val split .* 20 bytes, fewer than one window of block size \\+ 1 = 65"):
         data.require_windows(c.val, "val", 64, c.path)
+
+
+def test_batches_reach_both_ends_of_a_split_and_never_cross_it(tmp_path):
+    """A train split only 4 bytes longer than one window of seq_len + 1 holds exactly 4 windows,
+    starting at 0..3. Over many steps the sampler must draw every one of them, the first (offset 0)
+    and the last (ending at the split's last byte) included, and only them: an off-by-one in the
+    range of offsets either never draws the last window or reads past the split's end (into the
+    validation bytes that follow it on disk, or out of the array)."""
+    seq_len, extra = 12, 3
+    path = tmp_path / "ramp.txt"
+    path.write_bytes(bytes(range(20)))  # every byte distinct: a window's first byte is its offset
+    c = data.load_corpus(str(path), DataConfig(datasets_dir=str(tmp_path / "ds"), val_fraction=0.1,
+                                               test_fraction=0.1), progress=False)
+    assert len(c.train) == seq_len + 1 + extra  # 16 bytes: 0..15; val holds 16, 17
+    offsets = set()
+    for step in range(200):
+        batch = data.get_batch(c.train, seed=0, step=step, global_batch=4, seq_len=seq_len)
+        for row in batch:
+            np.testing.assert_array_equal(row, np.arange(row[0], row[0] + seq_len + 1))  # contiguous
+            assert row[-1] < len(c.train), f"window {row.tolist()} crosses the end of the split"
+            offsets.add(int(row[0]))
+    # 800 draws from 4 windows: missing one by chance has probability 4 * (3/4)^800, about 1e-100.
+    assert offsets == set(range(extra + 1)), sorted(offsets)

@@ -1,3 +1,6 @@
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,25 +15,50 @@ def _params(cfg=CFG):
     return PaLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
 
 
+@partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, tokens, positions=None, cache=None):
+    """model.apply, compiled once per shape: op-by-op dispatch of the same forward is several times
+    slower on these CPUs, and the cache tests below call it once per token."""
+    return PaLM(cfg).apply({"params": params}, tokens, positions, cache)
+
+
+def _bump(tokens, t):
+    """tokens with the token at position t (every row) replaced by another one."""
+    return tokens.at[..., t].set((tokens[..., t] + 1) % 256)
+
+
 def test_causality():
-    params, model = _params(), PaLM(CFG)
+    params = _params()
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 256)
-    base, _ = model.apply({"params": params}, tokens)
+    base, _ = _apply(CFG, params, tokens)
     for t in (0, 5, 14):
         changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 7) % 256)
-        logits, _ = model.apply({"params": params}, changed)
+        logits, _ = _apply(CFG, params, changed)
         np.testing.assert_array_equal(logits[:, : t + 1], base[:, : t + 1])
         assert not np.allclose(logits[:, t + 1 :], base[:, t + 1 :])
 
 
+def test_rows_of_a_batch_are_independent():
+    """Changing one sequence of a batch leaves every other sequence's logits bit for bit unchanged:
+    a norm, mask or attention contraction over the wrong axis would mix sequences."""
+    params = _params()
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (4, 16), 0, 256)
+    base, _ = _apply(CFG, params, tokens)
+    changed = tokens.at[2].set((tokens[2] + 1) % 256)  # same shapes: one compilation, same kernels
+    logits, _ = _apply(CFG, params, changed)
+    for row in (0, 1, 3):
+        np.testing.assert_array_equal(logits[row], base[row])
+    assert not np.allclose(logits[2], base[2])
+
+
 def test_leading_batch_dims():
-    params, model = _params(), PaLM(CFG)
+    params = _params()
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 3, 16), 0, 256)
-    logits, _ = model.apply({"params": params}, tokens)
+    logits, _ = _apply(CFG, params, tokens)
     assert logits.shape == (2, 3, 16, 256)
-    flat, _ = model.apply({"params": params}, tokens.reshape(6, 16))
+    flat, _ = _apply(CFG, params, tokens.reshape(6, 16))
     np.testing.assert_allclose(logits.reshape(6, 16, 256), flat, atol=1e-5)
-    single, _ = model.apply({"params": params}, tokens[1, 2])
+    single, _ = _apply(CFG, params, tokens[1, 2])
     assert single.shape == (16, 256)
     np.testing.assert_allclose(single, logits[1, 2], atol=1e-5)
 
@@ -69,16 +97,80 @@ def test_cached_logits_equal_full_forward():
     Tolerance 1e-5 absolute: float32 logits of order 1 computed by differently shaped matmuls
     (1 query row vs 16) differ by rounding only, ~1e-6 here.
     """
-    params, model = _params(), PaLM(CFG)
+    params = _params()
     tokens = jax.random.randint(jax.random.PRNGKey(3), (3, 16), 0, 256)
-    full, _ = model.apply({"params": params}, tokens)
+    full, _ = _apply(CFG, params, tokens)
     cache = init_cache(CFG, (3,))
-    logits, cache = model.apply({"params": params}, tokens[:, :6], jnp.arange(6), cache)
+    logits, cache = _apply(CFG, params, tokens[:, :6], jnp.arange(6), cache)
     outs = [logits]
     for t in range(6, 16):
-        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
+        logits, cache = _apply(CFG, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_cache_slides_past_seq_len_exactly_like_the_full_forward():
+    """3 x seq_len tokens fed one at a time through the cache, against ONE full forward over all of
+    them. The attention mask admits only keys with 0 <= query - key < seq_len, so a full forward
+    over more than seq_len positions is the sliding-window model, and the cache (seq_len slots,
+    overwritten oldest first) must reproduce it at every position: in the first window, while it
+    fills, and for two more windows after it starts overwriting.
+
+    Tolerance 1e-5 absolute, as in test_cached_logits_equal_full_forward (measured ~2e-6 on logits
+    up to ~5). A cache that kept one position too few or too many, wrote the wrong slot, or read
+    an overwritten one changes logits by ~1e-2 or more.
+    """
+    params = _params()
+    n = 3 * CFG.seq_len
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, n), 0, 256)
+    full, _ = _apply(CFG, params, tokens)
+    cache = init_cache(CFG, (2,))
+    outs = []
+    for t in range(n):
+        logits, cache = _apply(CFG, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_attention_window_is_exactly_seq_len():
+    """In a full forward over 3 x seq_len tokens, one block's logits at position t depend on tokens
+    t - seq_len + 1 .. t and on nothing earlier (bit for bit): the window training and cached
+    generation share. Through `depth` blocks the reach compounds: each key was computed from its
+    own window, so position t sees back to t - depth * (seq_len - 1) and no further.
+
+    "Changes" means by more than 1e-4 (measured 1e-2 to 0.3): far above float32 rounding, which is
+    0 here anyway, since the other positions' inputs are bit for bit the same.
+    """
+    n = 3 * CFG.seq_len
+    tokens = jax.random.randint(jax.random.PRNGKey(6), (2, n), 0, 256)
+    for depth in (1, 2):
+        cfg = dataclasses.replace(CFG, depth=depth)
+        params = _params(cfg)
+        base, _ = _apply(cfg, params, tokens)
+        reach = depth * (cfg.seq_len - 1)  # the farthest token back that position t can see
+        for t in (reach + 1, n - 1):
+            inside, _ = _apply(cfg, params, _bump(tokens, t - reach))
+            outside, _ = _apply(cfg, params, _bump(tokens, t - reach - 1))
+            assert np.abs(inside[:, t] - base[:, t]).max() > 1e-4, (depth, t)
+            np.testing.assert_array_equal(outside[:, t], base[:, t], err_msg=f"depth {depth}, t {t}")
+
+
+def test_logits_depend_only_on_relative_positions():
+    """Rotary embeddings make attention scores a function of query - key alone: the same tokens at
+    positions offset..offset + T - 1 give the same logits for any offset.
+
+    Tolerance 1e-4 absolute: the angles position * frequency are float32, so at positions near
+    1000 they carry rounding errors up to ~1000 * 6e-8 = 6e-5 rad, which moves logits of order 5
+    by at most that order (measured 4e-6). Rotating q and k by different positions, or a wrong
+    rotation (one that is not orthogonal, mixing the wrong pairs), moves them by 1e-2 or more.
+    """
+    params = _params()
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (2, CFG.seq_len), 0, 256)
+    positions = jnp.arange(CFG.seq_len)
+    base, _ = _apply(CFG, params, tokens, positions)
+    for offset in (37, 1000):
+        shifted, _ = _apply(CFG, params, tokens, positions + offset)
+        np.testing.assert_allclose(shifted, base, atol=1e-4, rtol=0, err_msg=f"offset {offset}")
 
 
 def test_cache_is_small():

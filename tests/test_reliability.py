@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, read_scalars, run_cli
+from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, need_data, read_scalars, run_cli
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -96,8 +96,10 @@ def snapshot(root: Path) -> dict:
     for p in sorted(root.rglob("*")):
         st = p.lstat()
         rel = str(p.relative_to(root))
-        snap[rel] = ("dir", st.st_mtime_ns) if p.is_dir() else (st.st_size, st.st_mtime_ns,
-                                                               hashlib.sha256(p.read_bytes()).hexdigest())
+        if not p.is_file():  # a directory, or a FIFO that reading would block on
+            snap[rel] = ("not a file", st.st_mode, st.st_mtime_ns)
+        else:
+            snap[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return snap
 
 
@@ -132,24 +134,26 @@ def truncate_files(step_dir: Path) -> None:
 
 # --- kill at an arbitrary moment -------------------------------------------------------------------
 
-def test_sigkill_at_an_arbitrary_moment_then_resume_is_bit_exact(shakespeare, tmp_path):
+def test_sigkill_after_an_observed_step_then_resume_is_bit_exact(shakespeare, tmp_path):
     steps, every = 150, 10
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", steps,
             "--checkpoint-interval", every, "--log-interval", 1, "--eval-interval", 0, "--keep-checkpoints", 100]
     run_cli("train_char.py", *args, "--experiment-name", "ref", cwd=tmp_path)
 
-    delay = random.uniform(0.0, 1.0)  # "any moment after the first checkpoint"; reported on failure
+    # "Any moment after the first checkpoint": a step chosen at random, killed as soon as its line is printed
+    # (between checkpoints, or while one is being written); reported on failure.
+    target = random.randint(every + 1, steps - 20)
     proc = popen_train(*args, "--experiment-name", "cut", cwd=tmp_path)
-    wait_until(lambda: (tmp_path / "cut" / "checkpoints" / str(every)).is_dir(), proc)
-    time.sleep(delay)
+    wait_until(lambda: f"step {target}/{steps}:" in popen_output(tmp_path)[0], proc, interval=0.002)
     proc.kill()  # SIGKILL to this process id: nothing gets to clean up
     proc.wait(timeout=60)
-    context = f"killed {delay:.3f} s after the first checkpoint"
+    context = f"killed after step {target} was printed"
     assert proc.returncode == -signal.SIGKILL, f"run ended on its own before the kill ({context})"
     saved = steps_in(tmp_path / "cut" / "checkpoints")
-    assert saved and saved[-1] < steps, context
+    assert saved and every <= saved[-1] <= target + every and saved[-1] < steps, (saved, context)
 
-    resumed = run_cli("train_char.py", *args, "--experiment-name", "cut", "--restore-checkpoint", cwd=tmp_path)
+    resumed = run_cli("train_char.py", "--experiments-dir", tmp_path, "--experiment-name", "cut",
+                      "--restore-checkpoint", cwd=tmp_path)
     assert f"restored from step {saved[-1]}" in resumed.stdout, context
 
     # The whole train state (params, Adam moments, counters), bit for bit.
@@ -280,6 +284,45 @@ def test_ctrl_c_before_training_starts_is_one_line(shakespeare, tmp_path, monkey
     assert not (tmp_path / "early").exists()
 
 
+@pytest.fixture(scope="module")
+def wiki_experiment(tmp_path_factory) -> Path:
+    """A tiny model trained for one step on the Wikipedia sample: its 304 KB validation split makes a
+    whole-split scoring long enough to interrupt."""
+    from conftest import WIKI
+
+    root = tmp_path_factory.mktemp("wiki")
+    run_cli("train_char.py", "--dataset-path", need_data(WIKI), "--experiment-name", "w", *TINY, "--max-steps", 1,
+            "--eval-interval", 0, cwd=root)
+    return root
+
+
+@pytest.mark.parametrize("work, args", [
+    ("generating", ["--split", "none", "--sample-steps", 400_000]),
+    ("scoring", ["--sample-steps", 0, "--batch-size", 4]),
+])
+def test_ctrl_c_stops_eval_at_once(wiki_experiment, work, args):
+    """A long generation used to ignore Ctrl-C until it finished (the main thread waits inside XLA)."""
+    out, err = wiki_experiment / "eval.stdout", wiki_experiment / "eval.stderr"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "eval_char.py"), "--experiment-name", "w", *map(str, args)],
+                                cwd=wiki_experiment, env=cli_env(devices=1), stdout=o, stderr=e)
+    _started.append(proc)
+    wait_until(lambda: "checkpoint step 1" in err.read_text(), proc)
+    time.sleep(1.5)  # compiled and busy by now
+    assert proc.poll() is None, f"eval finished before the Ctrl-C: make its {work} longer"
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    proc.wait(timeout=60)
+    took = time.monotonic() - sent
+    stderr = err.read_text()
+    assert proc.returncode == 130 and took < 2.0, (proc.returncode, took, stderr)
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error: ")] == [
+        "error: interrupted by Ctrl-C; nothing was written"]
+    assert "=== sample" not in out.read_text()
+    assert not (wiki_experiment / "experiments" / "w" / "eval" / "val.json").exists()
+
+
 # --- non-finite steps (in process: a poisoned batch makes the loss NaN) ----------------------------
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_path, monkeypatch, capsys):
@@ -317,7 +360,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
     poisoned.update({2, 3})  # steps 3 and 4 (steps count from 1): two in a row, below the limit
     code, err = cli("--max-steps", 6)
     assert code == 0, err
-    assert "warning: step 3: non-finite loss or gradient" in err and "update skipped (2 in a row)" in err
+    assert "warning: step 3: non-finite loss, gradient or update" in err and "update skipped (2 in a row)" in err
     skipped = read_scalars(exp / "tb")["train/skipped_steps"]
     assert skipped == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 2), (6, 2)]
     # A skipped step changes nothing in the state but its counters.
@@ -331,7 +374,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
     code, err = cli("--max-steps", 20, "--restore-checkpoint")
     assert code == 1, err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "3 consecutive steps had a non-finite loss or gradient (last at step 9); stopped" in line
+    assert "3 consecutive steps had a non-finite loss, gradient or update (last at step 9); stopped" in line
     assert f"checkpoint step 8 in {exp.absolute() / 'checkpoints'} holds the last good parameters" in line
     assert steps_in(exp / "checkpoints")[-1] == 8  # nothing saved for the step that gave up
     good, last = load_state(exp, 6), load_state(exp, 8)
@@ -346,19 +389,23 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
 def trained(tmp_path_factory) -> Path:
     """A working directory with experiments/base (checkpoints 5 and 10), an experiment without
     checkpoints, a few bad corpora and a directory; read-only for the tests that use it."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"needs {SHAKESPEARE} (shared/data beside the repo)")
+    need_data(SHAKESPEARE)
     root = tmp_path_factory.mktemp("work")
     run_cli("train_char.py", "--dataset-path", SHAKESPEARE, "--experiment-name", "base", *TINY, "--max-steps", 10,
             "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
     bare = root / "experiments" / "bare"  # as a run killed before its first save leaves it
     bare.mkdir()
-    for f in ("config.json", "vocab.json"):
+    for f in ("config.json", "vocab.json", "corpus.json", "history.jsonl", "run.lock"):
         shutil.copy(root / "experiments" / "base" / f, bare / f)
     (root / "empty.txt").write_bytes(b"")
     (root / "short.txt").write_bytes(b"too short for one window of 65 bytes\n")
     (root / "smallval.txt").write_bytes(b"a long enough training split, but 5% of it is under 65 bytes. " * 16)
     (root / "adir").mkdir()
+    os.mkfifo(root / "fifo")
+    (root / "experiments" / "stray.txt").write_text("not an experiment")
+    # Trained with a test split (5% of 992 bytes) too small for one window.
+    run_cli("train_char.py", "--dataset-path", "smallval.txt", "--experiment-name", "small", *TINY, "--max-steps", 1,
+            "--eval-interval", 0, "--data.val-fraction", 0.1, cwd=root)
     return root
 
 
@@ -434,17 +481,38 @@ BAD_INPUT = {
                                                      "--restore-checkpoint"], ["holds no checkpoint to continue from"]),
     "restore with another model": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--model.dim", 32,
                                                      "--model.depth", 3],
-                                   ["the model differs", "model.dim: 64 saved vs 32 given",
-                                    "model.depth: 2 saved vs 3 given"]),
+                                   ["cannot continue experiments/base with different settings",
+                                    "model.dim: 64 saved vs 32 given", "model.depth: 2 saved vs 3 given"]),
+    "restore with another seed": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--seed", 1],
+                                  ["seed: 0 saved vs 1 given"]),
+    "restore with another batch size": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--batch-size", 16],
+                                        ["batch_size: 8 saved vs 16 given"]),
+    "restore with another optimizer": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--optim.b1", 0.8,
+                                                         "--optim.learning-rate", 1e-3],
+                                       ["optim.learning_rate: 0.003 saved vs 0.001 given",
+                                        "optim.b1: 0.9 saved vs 0.8 given"]),
+    "restore with another split": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.val-fraction", 0.1],
+                                   ["data.val_fraction: 0.05 saved vs 0.1 given"]),
+    "restore with another vocabulary": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.vocab", "char"],
+                                        ["data.vocab: 'byte' saved vs 'char' given"]),
+    "restore with another corpus": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--dataset-path",
+                                                      "smallval.txt"],
+                                    ["smallval.txt is not the corpus experiments/base was trained on",
+                                     f"it was trained on {SHAKESPEARE.resolve()}"]),
+    "restore with nothing left to train": ("train_char.py", ["--experiment-name", "base", "--restore-checkpoint"],
+                                           ["experiments/base is at step 10, and --max-steps is 10: nothing to train"]),
+    "restore an older step that does not exist": ("train_char.py", ["--experiment-name", "base", "--restore-step", 7,
+                                                                    "--max-steps", 20],
+                                                  ["no checkpoint for step 7", "available: [5, 10]"]),
     "name escapes (..)": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "../x"],
                           ["experiment name '../x' must be a plain directory name"]),
     "name escapes (absolute)": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "/tmp/x"],
                                 ["experiment name '/tmp/x' must be a plain directory name"]),
     "negative learning rate": ("train_char.py", [*SHAKES, *NEW, "--optim.learning-rate", -1e-3],
-                               ["--optim.learning-rate -0.001 must be > 0"]),
-    "zero steps": ("train_char.py", [*SHAKES, *NEW, "--max-steps", 0], ["--max-steps 0 must be >= 1"]),
+                               ["--optim.learning-rate -0.001 must be in (0, 1]"]),
+    "zero steps": ("train_char.py", [*SHAKES, *NEW, "--max-steps", 0], ["--max-steps 0 must be in [1, 2**31 - 1]"]),
     "eval unknown experiment": ("eval_char.py", ["--experiment-name", "nope"],
-                                ["no experiment 'nope' in experiments/ (existing experiments: bare, base)"]),
+                                ["no experiment 'nope' in experiments/ (existing experiments: bare, base, small)"]),
     "eval without checkpoint": ("eval_char.py", ["--experiment-name", "bare"], ["no checkpoint in"]),
     "eval missing step": ("eval_char.py", ["--experiment-name", "base", "--checkpoint-step", 7],
                           ["no checkpoint for step 7", "available: [5, 10]"]),
@@ -452,7 +520,39 @@ BAD_INPUT = {
     "top-k above vocabulary": ("eval_char.py", ["--experiment-name", "base", "--sample-from-top-k", 300],
                                ["--sample-from-top-k 300 must be between 1 and the vocabulary size 256"]),
     "negative temperature": ("eval_char.py", ["--experiment-name", "base", "--temperature", -0.5],
-                             ["--temperature -0.5 must be >= 0"]),
+                             ["--temperature -0.5 must be a finite number >= 0"]),
+    "temperature nan": ("eval_char.py", ["--experiment-name", "base", "--temperature", "nan"],
+                        ["--temperature nan must be a finite number"]),
+    "temperature inf": ("eval_char.py", ["--experiment-name", "base", "--temperature", "inf"],
+                        ["--temperature inf must be a finite number"]),
+    "infinite learning rate": ("train_char.py", [*SHAKES, *NEW, "--optim.learning-rate", "inf"],
+                               ["--optim.learning-rate inf must be a finite number"]),
+    "absurd learning rate": ("train_char.py", [*SHAKES, *NEW, "--optim.learning-rate", 1e30],
+                             ["--optim.learning-rate 1e+30 must be in (0, 1]"]),
+    "infinite z-loss": ("train_char.py", [*SHAKES, *NEW, "--model.z-loss", "inf"],
+                        ["--model.z-loss inf must be a finite number"]),
+    "negative seed": ("train_char.py", [*SHAKES, *NEW, "--seed", -1], ["--seed -1 must be in [0, 2**32)"]),
+    "name too long": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "x" * 300],
+                      ["is 300 bytes long; file systems allow 255 bytes per name"]),
+    "eval name too long": ("eval_char.py", ["--experiment-name", "x" * 300], ["is 300 bytes long"]),
+    "experiments dir is a file": ("train_char.py", [*SHAKES, *NEW, "--experiments-dir", "short.txt"],
+                                  ["--experiments-dir short.txt is not a directory"]),
+    "name is an existing file": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "stray.txt"],
+                                 ["experiments/stray.txt exists and is not an experiment directory"]),
+    "dataset is a FIFO": ("train_char.py", ["--dataset-path", "fifo", *NEW],
+                          ["fifo is not a regular file (a FIFO, device or socket"]),
+    "dataset is /dev/zero": ("train_char.py", ["--dataset-path", "/dev/zero", *NEW],
+                             ["/dev/zero is not a regular file"]),
+    "fractions leave no training data": ("train_char.py", [*SHAKES, *NEW, "--data.val-fraction", 0.5,
+                                                           "--data.test-fraction", 0.5],
+                                         ["--data.val-fraction 0.5 + --data.test-fraction 0.5 leave no training data"]),
+    "fractions leave too little training data": ("train_char.py", ["--dataset-path", "smallval.txt", *NEW,
+                                                                   "--data.val-fraction", 0.6,
+                                                                   "--data.test-fraction", 0.39],
+                                                 ["the train split of smallval.txt has 11 bytes",
+                                                  "smaller --data.val-fraction/--data.test-fraction (now 0.6 + 0.39"]),
+    "eval split below a window": ("eval_char.py", ["--experiment-name", "small", "--split", "test"],
+                                  ["the test split of", "score --split val instead"]),
 }
 
 

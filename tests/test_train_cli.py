@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, read_scalars, run_cli
 
@@ -19,6 +21,11 @@ def test_train_then_eval(shakespeare, tmp_path):
                    "--experiments-dir", exps, *TINY, "--max-steps", 40, "--log-interval", 5,
                    "--checkpoint-interval", 20, "--eval-interval", 20, "--sample-length", 16)
     assert "4 x cpu" in proc.stdout and "weight decay on 6 kernels" in proc.stdout
+    # Not a terminal: one greppable line per --log-interval steps, and the hint names the experiments dir.
+    lines = [line for line in proc.stdout.splitlines() if re.fullmatch(
+        r"step \d+/40: loss \d+\.\d{4}, lr \d\.\d{3}e-\d\d, [\d,]+ tokens/s, \d+\.\d ms/step", line)]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(5, 41, 5)), proc.stdout
+    assert f"evaluate with: python eval_char.py --experiment-name shakes --experiments-dir {exps}" in proc.stdout
     exp = exps / "shakes"
     assert json.loads((exp / "config.json").read_text())["model"]["seq_len"] == 64
     assert sorted(int(p.name) for p in (exp / "checkpoints").iterdir()) == [20, 40]
@@ -44,21 +51,30 @@ def test_train_then_eval(shakespeare, tmp_path):
     assert len(sample) == 38 and sample.endswith(b"\n")
 
 
-def test_data_parallel_parity(shakespeare, tmp_path):
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clip", "noclip"])
+def test_data_parallel_parity(shakespeare, tmp_path, clip):
     """4 devices x 2 sequences == 1 device x 8 sequences, same global batch, 20 steps.
 
     Only the order of floating-point additions differs (pmean of 4 partial means vs one mean), so
-    parameters agree to float32 rounding accumulated over 20 Adam steps: atol 2e-5 on weights of
-    order 0.1-1 (measured differences are ~1e-6); any real bug (wrong batch split, missing pmean,
-    different data) moves them by ~1e-3 or more.
+    parameters and Adam moments agree to float32 rounding accumulated over 20 Adam steps: atol 2e-5 on
+    values of order 0.1-1 (measured differences are ~1e-6), and every logged loss, gradient norm and
+    learning rate to rel 1e-4. Real bugs move them by far more: a wrong batch split or different data
+    changes the losses at once, and a psum in place of the pmean scales gradients by 4, which Adam's
+    update hides (it is scale-invariant) but its moments and the logged gradient norm do not, with
+    clipping on or off.
     """
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", 20,
-            "--eval-interval", 0]
+            "--eval-interval", 0, "--log-interval", 1, "--optim.grad-clip", clip]
     run_cli("train_char.py", *args, "--experiment-name", "four", devices=4)
     run_cli("train_char.py", *args, "--experiment-name", "one", devices=1)
-    four, one = load_state(tmp_path / "four")["params"], load_state(tmp_path / "one")["params"]
-    for a, b in zip(leaves(four), leaves(one), strict=True):
+    four, one = load_state(tmp_path / "four"), load_state(tmp_path / "one")
+    for a, b in zip(leaves((four["params"], four["opt_state"])), leaves((one["params"], one["opt_state"])),
+                    strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    four, one = read_scalars(tmp_path / "four" / "tb"), read_scalars(tmp_path / "one" / "tb")
+    for tag in ("train/loss", "train/grad_norm", "train/learning_rate"):
+        assert [s for s, _ in four[tag]] == [s for s, _ in one[tag]] == list(range(1, 21)), tag
+        np.testing.assert_allclose([v for _, v in four[tag]], [v for _, v in one[tag]], rtol=1e-4, err_msg=tag)
 
 
 def test_resume_continues_from_saved_step(shakespeare, tmp_path):

@@ -1,0 +1,124 @@
+"""Continuing an experiment from its directory alone, and what a continued run may and may not change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY, leaves, load_state, read_scalars, run_cli
+
+# Deliberately far from every default: a resume that fell back to a default would fail at once.
+SETTINGS = [*TINY, "--seed", 7, "--optim.weight-decay", 0.05, "--optim.b2", 0.99, "--data.val-fraction", 0.04,
+            "--eval-interval", 0, "--checkpoint-interval", 5, "--keep-checkpoints", 10, "--log-interval", 1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """experiments/ref: 12 uninterrupted steps of a tinyshakespeare run with non-default settings."""
+    from conftest import SHAKESPEARE, need_data
+
+    root = tmp_path_factory.mktemp("resume")
+    run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiment-name", "ref", *SETTINGS,
+            "--max-steps", 12, cwd=root)
+    return root
+
+
+def copy_of(reference, tmp_path):
+    """experiments/ref copied into tmp_path, under its own name (config.json names it)."""
+    shutil.copytree(reference / "experiments" / "ref", tmp_path / "experiments" / "ref")
+    return tmp_path / "experiments" / "ref"
+
+
+def test_resume_from_the_experiment_alone_is_bit_exact(reference, tmp_path):
+    """--restore-step 5 with no other flag: the saved settings come back, steps 6-12 are recomputed
+    with them, and the result is the uninterrupted run's, bit for bit (same device count)."""
+    exp = copy_of(reference, tmp_path)
+    first_config = (exp / "config.json").read_text()
+    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-step", 5, cwd=tmp_path)
+    assert "restored from step 5" in proc.stdout and "steps 5 -> 12" in proc.stdout
+    # The newer checkpoints are superseded, not deleted.
+    assert sorted(p.name.split("_")[0] for p in (exp / "superseded_checkpoints").iterdir()) == ["10", "12"]
+    assert "moved the newer checkpoint step 10" in proc.stderr
+
+    ref, cut = load_state(reference / "experiments" / "ref", 12), load_state(exp, 12)
+    for a, b in zip(leaves(ref), leaves(cut), strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    ref_loss = dict(read_scalars(reference / "experiments" / "ref" / "tb")["train/loss"])
+    for step, loss in read_scalars(exp / "tb")["train/loss"]:
+        assert loss == ref_loss[step], step
+
+    # Counts stay right across the resume: tokens seen is steps x batch x block size.
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+        meta = c.restore((exp / "checkpoints" / "12" / "meta").absolute())
+    assert meta["tokens_seen"] == 12 * 8 * 64 and meta["step"] == 12
+    assert dict(read_scalars(exp / "tb")["train/tokens_seen"])[12] == 12 * 8 * 64
+
+    # config.json is unchanged (nothing was changed); history.jsonl keeps the first config and the resume.
+    assert (exp / "config.json").read_text() == first_config
+    history = [json.loads(line) for line in (exp / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["new", "resume"] and history[1]["step"] == 5
+    assert history[0]["config"] == json.loads(first_config) and history[1]["changed"] == {}
+
+
+def test_max_steps_on_resume_replans_the_schedule_and_says_so(reference, tmp_path):
+    from mingpt_palm.config import OptimizerConfig
+    from mingpt_palm.optim import lr_schedule
+
+    exp = copy_of(reference, tmp_path)
+    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 30,
+                   "--log-interval", 6, cwd=tmp_path)
+    optim = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, weight_decay=0.05, b2=0.99)
+    before, after = float(lr_schedule(optim, 12)(12)), float(lr_schedule(optim, 30)(12))
+    assert f"schedule: re-planned from step 12 for 30 steps instead of 12; learning rate of the next step " \
+           f"{before:.4g} -> {after:.4g}" in proc.stdout
+    saved = json.loads((exp / "config.json").read_text())
+    assert saved["max_steps"] == 30 and saved["log_interval"] == 6 and saved["seed"] == 7
+    history = [json.loads(line) for line in (exp / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"] == {"max_steps": [12, 30], "log_interval": [1, 6]}
+    assert history[0]["config"]["max_steps"] == 12  # the first config is never lost
+    # The logged learning rate of step 13 is the new plan's.
+    lr = dict(read_scalars(exp / "tb")["train/learning_rate"])
+    assert lr[18] == pytest.approx(float(lr_schedule(optim, 30)(17)), rel=1e-6)
+
+
+def test_another_device_count_is_allowed_and_said(reference, tmp_path):
+    copy_of(reference, tmp_path)
+    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 14,
+                   cwd=tmp_path, devices=1)
+    assert ("devices: 1 now, 4 when step 12 was saved: the data order is unchanged (a batch depends only on seed "
+            "and step), but gradients are summed in another order, so numbers agree with an uninterrupted run to "
+            "float rounding, not bit for bit") in proc.stdout
+
+
+def test_a_moved_corpus_with_the_same_bytes_is_the_same_corpus(reference, tmp_path):
+    from conftest import SHAKESPEARE
+
+    copy_of(reference, tmp_path)
+    moved = tmp_path / "moved.txt"
+    shutil.copy(SHAKESPEARE, moved)
+    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 13,
+                   "--dataset-path", moved, cwd=tmp_path)
+    assert f"corpus: {moved} (moved from {SHAKESPEARE.resolve()}; same size and sha256)" in proc.stdout
+
+
+def test_max_epochs_gives_the_exact_step_count(tmp_path):
+    """0.0051 epochs of tinyshakespeare's 1,015,010 training bytes (val 4%, test 5%) in windows of 64, batch 8:
+    ceil(0.0051 * 1015010 / 64 / 8) = ceil(10.11) = 11. Counting the whole file (12), windows of 65 bytes (10),
+    flooring (10) or per-device batches (41) would each give another number."""
+    from conftest import SHAKESPEARE, need_data
+
+    proc = run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", tmp_path,
+                   *SETTINGS, "--max-epochs", 0.0051, "--experiment-name", "epochs", "--checkpoint-interval", 1000)
+    assert "steps 0 -> 11" in proc.stdout
+
+
+def test_steps_for_epochs_formula():
+    from mingpt_palm.train import steps_for_epochs
+
+    assert steps_for_epochs(1.0, train_bytes=1000, seq_len=10, batch_size=4) == 25
+    assert steps_for_epochs(0.5, train_bytes=1000, seq_len=10, batch_size=3) == 17  # 16.67 rounds up
+    assert steps_for_epochs(1e-9, train_bytes=1000, seq_len=10, batch_size=4) == 1
