@@ -5,7 +5,6 @@
 """
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import tyro
@@ -36,17 +35,10 @@ def open_experiment(cfg: EvalConfig):
 
 def restore_params(cfg: EvalConfig, exp, train_cfg):
     """(params, checkpoint step): the abstract train state is rebuilt exactly as training saved it."""
-    import jax
+    from mingpt_palm.state import build
 
-    from mingpt_palm.model import PaLM
-    from mingpt_palm.optim import make_optimizer
-    from mingpt_palm.train import init_params, init_state
-
-    model = PaLM(train_cfg.model)
-    tx, _, _ = make_optimizer(train_cfg.optim, train_cfg.max_steps,
-                              jax.eval_shape(partial(init_params, model, train_cfg)))
-    state, _, step = exp.restore(jax.eval_shape(partial(init_state, model, tx, train_cfg)), cfg.checkpoint_step,
-                                 read_only=True)
+    abstract = build(train_cfg)[-1]
+    state, _, step = exp.restore(abstract, cfg.checkpoint_step, read_only=True)
     exp.close()
     return state.params, step
 

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from _common import loadavg, matmul_tflops  # noqa: E402  (benchmarks/ is on sys.path)
 from mingpt_palm.config import ModelConfig  # noqa: E402
-from mingpt_palm.model import PaLM, init_cache, param_count  # noqa: E402
+from mingpt_palm.model import PaLM, compute_dtype, init_cache, param_count  # noqa: E402
 from mingpt_palm.sampling import generate  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim-head", type=int, default=64)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (num_samples)")
     p.add_argument("--new-chars", type=int, default=128, help="characters generated per call")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per path (best and median reported)")
@@ -97,7 +97,7 @@ def main() -> None:
         key = jax.random.PRNGKey(args.seed)
         if ctx == args.contexts[0]:
             print(f"model: {param_count(params):,} parameters (dim {cfg.dim}, depth {cfg.depth}, heads "
-                  f"{cfg.heads}x{cfg.dim_head}, multi-query, {cfg.dtype}); batch {args.batch}, "
+                  f"{cfg.heads}x{cfg.dim_head}, multi-query, {compute_dtype(cfg).name}); batch {args.batch}, "
                   f"{args.new_chars} new chars, greedy, prompt = full context; best of {args.repeats}")
 
         result = {"ctx": ctx}
@@ -135,10 +135,10 @@ def main() -> None:
 
         # Measured, not computed: the leaves init_cache allocates for one sequence (the position
         # table is shared by the batch and counted once).
-        cache = jax.eval_shape(lambda: init_cache(cfg, (1,), jnp.dtype(cfg.dtype)))
+        cache = jax.eval_shape(lambda: init_cache(cfg, (1,)))
         result["kv_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
         result["pos_bytes"] = cache["pos"].size * cache["pos"].dtype.itemsize
-        result["mha_bytes"] = 2 * cfg.depth * ctx * cfg.heads * cfg.dim_head * jnp.dtype(cfg.dtype).itemsize
+        result["mha_bytes"] = 2 * cfg.depth * ctx * cfg.heads * cfg.dim_head * compute_dtype(cfg).itemsize
         rows.append(result)
 
     print(f"\n{'context':>7} {'path':>9} {'chars/s':>9} {'best s':>7} {'median s':>9} {'first call s':>13} "

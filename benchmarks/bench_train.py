@@ -1,39 +1,46 @@
-"""Training throughput of the real train step: tokens/s, step time, model FLOPs utilisation, memory.
+"""Training throughput of the real train step: tokens/s, step time, MFU, compile time, memory, bwd/fwd.
 
-The step is built exactly as mingpt_palm/train.py builds it: PaLM + make_optimizer, a jitted
-init_state, parallel.pmap(partial(train.train_step, ...), donate_state=True), parallel.replicate,
-and per step data.get_batch + Vocab.encode + parallel.shard (and the stop flags) on the host, with
-exactly one step in flight (dispatch step t, then read step t-1's metrics). Host-side batching is
-therefore inside the timing, as it is in a real run; checkpointing, evaluation and logging are not.
+The step is built as mingpt_palm/train.py builds it: state.build + step.train_step pmapped with the
+state donated, the vocabulary table encoding bytes on the device, batches from data.get_batch cut
+into micro-batches with parallel.shard_micro_batches, compiled ahead of time, and exactly as many
+steps in flight as train.py keeps (one on CPUs, three on accelerators), reading one status vector
+per step. Checkpointing, evaluation and logging are not in it.
 
---warmup steps run first and are excluded; compilation happens there (XLA's compile-duration events
-are summed and counted per phase and printed, so a recompilation anywhere is visible). Then --steps
-steps are timed from the dispatch of the first to the arrival of the last one's metrics.
+Figures (printed, and written as JSON with --json):
+- step time: the median over --windows timed windows of --steps steps each, after --warmup steps;
+  the spread (min, max) of the windows beside it.
+- model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, where N counts
+  the parameters of every matmul a token goes through: the blocks' dense kernels plus vocab x dim
+  for the tied head (the input lookup is no matmul); L depth, H heads, Q dim_head, T seq_len,
+  attention counted over the full T x T square as in the paper. Rematerialisation is not counted
+  (model FLOPs, not hardware FLOPs). XLA's cost analysis of the compiled step is printed beside it.
+- MFU against two peaks: one measured in this run, before the timing, with an n^3 matmul in the
+  run's compute dtype (the peak moves from machine to machine and minute to minute on shared CPUs:
+  DESIGN.md); and the datasheet's dense peak for known GPUs (the device kind is printed). Simulated
+  CPU devices share the same cores: the measured peak is the whole machine's, not one per device.
+- compile time of the step; peak memory (device peak_bytes_in_use on GPUs; on CPUs the process's
+  VmHWM) and XLA's own memory analysis of the compiled step (temporaries: what remat saves);
+- backward / forward: a jitted forward pass (loss) and forward + backward (value_and_grad) on one
+  device's batch, timed apart, medians; (fwd+bwd - fwd) / fwd, about 2 for a healthy step.
 
-Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 * N + 12 * L * H * Q * T, where
-N counts the parameters of every matmul a token goes through: the dense kernels of the blocks
-(the non-embedding parameters, less the LayerNorm scales, which do no matmul) plus vocab * dim for
-the tied output head (its weights are the embedding's, but the head matmul is real work; the input
-lookup is not). L = depth, H = heads, Q = dim_head, T = seq_len: the attention score and
-weighted-sum matmuls, counted for the full T x T square as in the paper (causal masking halves the
-useful part; the code computes all of it). Rematerialisation is not counted: this is model FLOPs,
-not hardware FLOPs.
+Presets: char-small (issue 9's small char model: dim 128, depth 4, 4x32 heads, block 64, batch 12,
+tinyshakespeare's char vocabulary), cpu-medium (dim 256, depth 6, 4x64, block 256, batch 16, bytes),
+gpt2-small (dim 768, depth 12, 12x64, block 1024, bytes; ~101M parameters with the PaLM block and a
+256-token vocabulary, GPT-2 small's shape without its 50k-token embedding; for GPUs).
 
-MFU = achieved model FLOP/s / peak. Peak: --peak-tflops, else 0.48 TFLOP/s on CPU (this machine's
-float32 jitted-matmul peak, DESIGN.md, shared by all simulated CPU devices), else a table of dense
-peaks per GPU kind and dtype (H100/H200: 989 bfloat16, 494.5 TF32 for float32), times the number
-of GPUs. Memory: the device's peak_bytes_in_use where the backend reports memory_stats (GPU); on
-CPU the process's resident set (VmRSS now, VmHWM peak).
-
-Run from the repository root:
-  JAX_PLATFORMS=cpu python benchmarks/bench_train.py [--dim 256 --depth 4 --seq-len 512 --batch 32 --steps 5]
-  python benchmarks/bench_train.py --dim 1024 --depth 12 --heads 8 --dim-head 128 --dtype bfloat16 --batch 64  # GPU
+  JAX_PLATFORMS=cpu python benchmarks/bench_train.py --preset char-small
+  JAX_PLATFORMS=cpu python benchmarks/bench_train.py --preset cpu-medium --devices-sweep 1 4
+  python benchmarks/bench_train.py --preset gpt2-small --batch 32 --remat dots --json out.json   # GPU
 tests/test_benchmarks.py runs it with tiny arguments on every test run, so that it cannot rot.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -46,214 +53,293 @@ sys.path.insert(0, str(ROOT))
 
 from _common import loadavg, matmul_tflops  # noqa: E402  (benchmarks/ is on sys.path)
 
-# Dense peaks in TFLOP/s by (device_kind substring, dtype). float32 on these GPUs runs as TF32,
-# XLA's default matmul precision there.
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+PRESETS = {
+    "char-small": dict(dim=128, depth=4, heads=4, dim_head=32, seq_len=64, batch=12, vocab="char"),
+    "cpu-medium": dict(dim=256, depth=6, heads=4, dim_head=64, seq_len=256, batch=16, vocab="byte"),
+    "gpt2-small": dict(dim=768, depth=12, heads=12, dim_head=64, seq_len=1024, batch=32, vocab="byte"),
+}
+# Dense datasheet peaks in TFLOP/s by (device_kind substring, dtype). float32 on these GPUs runs as
+# TF32, XLA's default matmul precision there.
 GPU_PEAK_TFLOPS = {
     ("H100", "bfloat16"): 989.0, ("H100", "float32"): 494.5,
     ("H200", "bfloat16"): 989.0, ("H200", "float32"): 494.5,
     ("A100", "bfloat16"): 312.0, ("A100", "float32"): 156.0,
 }
-CPU_PEAK_TFLOPS = 0.48
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-medium")
+    for name in ("dim", "depth", "heads", "dim-head", "seq-len", "batch", "ff-mult"):
+        p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
+    p.add_argument("--vocab", choices=("byte", "char"), default=None, help="overrides the preset")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
+    p.add_argument("--remat", choices=("none", "block", "dots"), default="none")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (--batch stays the global batch)")
+    p.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--cpu-devices", type=int, default=None, help="simulate this many CPU devices (they share the cores)")
+    p.add_argument("--devices-sweep", type=int, nargs="+", default=None,
+                   help="run once per simulated CPU device count, each in its own process, and compare")
+    p.add_argument("--data", default=str(SHAKESPEARE), help="corpus to draw batches from (random bytes if missing)")
+    p.add_argument("--calibration-size", type=int, default=None,
+                   help="n of the n^3 peak matmul (default 2048 on CPU, 8192 on GPU)")
+    p.add_argument("--no-ratio", action="store_true", help="skip the separate forward / backward timing")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.ff_mult = args.ff_mult or 4
+    return args
 
 
 def proc_status(*keys: str) -> dict[str, int]:
     out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in keys:
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        import psutil
-
-        out["VmRSS"] = psutil.Process().memory_info().rss
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0]) * 1024
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim-head", type=int, default=64)
-    p.add_argument("--ff-mult", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=32, help="global batch in sequences, split over all devices")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="matmul compute dtype")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"peak TFLOP/s for MFU, per GPU (times the GPU count) or for the whole CPU "
-                        f"(default: {CPU_PEAK_TFLOPS} on CPU; a known GPU's dense peak for the dtype)")
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="simulate this many CPU devices (exercises the pmap/pmean path; they share the same cores)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"),
-                   help="corpus file to draw batches from (random bytes if it does not exist)")
-    p.add_argument("--calibration-size", type=int, default=2048,
-                   help="n of the n^3 float32 matmul timed on CPU after the run, for comparison with the peak "
-                        "(2048 is how DESIGN.md measured it; small sizes understate the peak)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+def median_time(fn, repeats: int) -> float:
+    import jax
 
-    print(loadavg())
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(params) -> tuple[int, int, int]:
+    """(dense kernel, embedding, other) parameter counts, by leaf name: `kernel` is a dense projection,
+    `embedding` the tied table (its head matmul is real work), anything else (norm scales) no matmul."""
+    import jax
+
+    sizes = {"kernel": 0, "embedding": 0, "other": 0}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = path[-1].key
+        sizes[name if name in sizes else "other"] += leaf.size
+    return sizes["kernel"], sizes["embedding"], sizes["other"]
+
+
+def run(args) -> dict:
     import jax
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
+    import jax.numpy as jnp
     import numpy as np
 
     from mingpt_palm import data, parallel
     from mingpt_palm.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-    from mingpt_palm.model import PaLM, param_count
-    from mingpt_palm.optim import make_optimizer
-    from mingpt_palm.train import init_params, init_state, train_step
+    from mingpt_palm.model import attention_implementation, compute_dtype, cross_entropy, param_count
+    from mingpt_palm.state import build, init_state
+    from mingpt_palm.step import STATUS, Control, train_step
 
     if Path(args.data).is_file():
-        corpus = data.load_corpus(args.data, DataConfig(), progress=False)
-        split, source = corpus.train, args.data
+        split, source = data.load_corpus(args.data, DataConfig(), progress=False).train, args.data
     else:
         split, source = np.random.default_rng(args.seed).integers(0, 256, 1 << 20, dtype=np.uint8), "random bytes"
-    vocab = data.Vocab.build("byte", split)
-
-    max_steps = args.warmup + args.steps
+    vocab = data.Vocab.build(args.vocab, split)
+    steps_total = args.warmup + args.windows * args.steps
     model_cfg = ModelConfig(seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
-                            dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, num_tokens=vocab.size)
-    # No warmup: every timed update, the first one included, runs at the peak rate, as most of a real
-    # run does. The learning rate does not change the step's cost, only what the printed losses mean.
-    cfg = TrainConfig(batch_size=args.batch, max_steps=max_steps, seed=args.seed, model=model_cfg,
-                      optim=OptimizerConfig(warmup_steps=0))
-    local_batch = parallel.check_batch(cfg.batch_size)
-    model = PaLM(cfg.model)
-    tx, schedule, _ = make_optimizer(cfg.optim, max_steps, jax.eval_shape(partial(init_params, model, cfg)))
+                            dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, attention=args.attention,
+                            remat=args.remat, num_tokens=vocab.size)
+    # No warmup in the schedule: every update runs at the peak rate, as most of a real run does.
+    cfg = TrainConfig(batch_size=args.batch, max_steps=steps_total, seed=args.seed, model=model_cfg,
+                      grad_accum_steps=args.grad_accum, optim=OptimizerConfig(warmup_steps=0))
+    local_batch = parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
+    attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
+    model, tx, schedule, _, _ = build(cfg)
     state = jax.jit(partial(init_state, model, tx, cfg))()
-    p_step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=cfg.model.z_loss),
-                           donate_state=True)
-    rstate = parallel.replicate(state)
-    # Counted by parameter name, not by formula, so the count follows the model if it changes:
-    # `kernel` = a dense projection, `embedding` = the tied table, anything else (norm scales) no matmul.
-    sizes = {"kernel": 0, "embedding": 0, "other": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
-        name = path[-1].key
-        sizes[name if name in sizes else "other"] += leaf.size
+    dense, embed, norms = matmul_flops(state.params)
     n_params = param_count(state.params)
+    rstate, control = parallel.replicate(state), parallel.replicate(Control.start())
     del state
+    dev, n_dev = jax.devices()[0], jax.device_count()
+    dtype = compute_dtype(model_cfg).name
+    depth_in_flight = 1 if dev.platform == "cpu" else 3
 
-    devices = jax.devices()
-    dev = devices[0]
-    n_dev = len(devices)
-    tokens_per_step = cfg.batch_size * args.seq_len
-    print(f"devices: {n_dev} x {dev.platform} ({dev.device_kind}); jax {jax.__version__}; global batch "
-          f"{cfg.batch_size} = {local_batch // jax.local_device_count()} per device x {n_dev}; "
-          f"{tokens_per_step:,} tokens/step; batches from {source}")
-
-    def step_args(step: int):
-        """The step's inputs as train.py makes them: this process's sharded batch, and the per-device
-        "stop requested" flags (never set here)."""
+    def batch(step: int):
         raw = data.get_batch(split, cfg.seed, step, cfg.batch_size, args.seq_len, jax.process_index(),
                              jax.process_count())
-        return parallel.shard(vocab.encode(raw)), np.full(jax.local_device_count(), False)
+        return parallel.shard_micro_batches(raw, cfg.grad_accum_steps), np.full(jax.local_device_count(), False)
 
-    # XLA reports every backend compilation's duration; summing (and counting) them per phase tells
-    # compile time from step time exactly, and shows whether anything recompiled after the warm-up.
-    compile_s, compiles = [0.0], [0]
+    # The peak first, before any timing, in the run's own dtype.
+    cal_n = args.calibration_size or (2048 if dev.platform == "cpu" else 8192)
+    peak_measured = matmul_tflops(cal_n, dtype=dtype)
 
-    def on_duration(event, secs, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compile_s[0] += secs
-            compiles[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-
-    # Warm-up: compilation happens here; wait for each step so none of it leaks into the timed window.
-    warm_times, warm_compile, losses = [], [], []
-    for step in range(args.warmup):
-        t0, c0 = time.perf_counter(), compile_s[0]
-        rstate, metrics = p_step(rstate, *step_args(step))
-        losses.append(float(metrics["loss"][0]))
-        warm_times.append(time.perf_counter() - t0)
-        warm_compile.append(compile_s[0] - c0)
-
-    # Timed: one step in flight, as train.py runs (free-running dispatch can hang CPU all-reduces).
-    c0, n0 = compile_s[0], compiles[0]
-    t_start = time.perf_counter()
-    pending = None
-    for step in range(args.warmup, max_steps):
-        rstate, metrics = p_step(rstate, *step_args(step))
-        if pending is not None:
-            float(pending["loss"][0])
-        pending = metrics
-    last_loss = float(pending["loss"][0])
-    elapsed = time.perf_counter() - t_start
-    timed_compile, timed_compiles = compile_s[0] - c0, compiles[0] - n0
-
-    # XLA's own count of the step's floating-point work, from the lowered (not compiled) HLO: an
-    # independent check of the formula. It is per device and also counts the optimizer, norms,
-    # softmax and masking, so expect it a little above the model FLOPs.
+    p_step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=model_cfg.z_loss,
+                                   table=jnp.asarray(vocab.table), max_nonfinite=10), donate_state=True)
+    t0 = time.perf_counter()
+    compiled = p_step.lower(rstate, control, *batch(0)).compile()
+    compile_s = time.perf_counter() - t0
     try:
-        xla_flops = p_step.lower(rstate, *step_args(0)).cost_analysis()["flops"] * jax.local_device_count()
-    except Exception as e:  # noqa: BLE001 - a cross-check must never sink the benchmark
-        xla_flops, xla_error = None, f"{type(e).__name__}: {e}"
+        # XLA counts a loop body once: with accumulation (a scan) its count would cover one micro-batch.
+        xla_flops = compiled.cost_analysis()["flops"] * jax.local_device_count() if args.grad_accum == 1 else None
+    except Exception:  # noqa: BLE001 - a cross-check must never sink the benchmark
+        xla_flops = None
+    try:
+        mem = compiled.memory_analysis()
+        temp_bytes = mem.temp_size_in_bytes
+    except Exception:  # noqa: BLE001
+        temp_bytes = None
 
-    step_s = elapsed / args.steps
-    tok_s = tokens_per_step / step_s
-    m = cfg.model
-    embed, norms, dense = sizes["embedding"], sizes["other"], sizes["kernel"]
-    n_matmul = dense + embed  # the tied table counts once: as the head's matmul
-    attn_flops = 12 * m.depth * m.heads * m.dim_head * m.seq_len
-    flops_tok = 6 * n_matmul + attn_flops
+    pending, losses, windows = [], [], []
 
-    if args.peak_tflops is not None:
-        peak, peak_note = args.peak_tflops * (1 if dev.platform == "cpu" else n_dev), "--peak-tflops"
-    elif dev.platform == "cpu":
-        # Simulated CPU devices split the same cores, so the peak does not scale with their number.
-        peak, peak_note = CPU_PEAK_TFLOPS, "CPU float32 jitted-matmul peak (DESIGN.md)"
-    else:
-        per = next((v for (kind, dt), v in GPU_PEAK_TFLOPS.items() if kind in dev.device_kind and dt == m.dtype), None)
-        peak = None if per is None else per * n_dev
-        peak_note = f"{per} dense {m.dtype} x {n_dev}" if per else "unknown device: pass --peak-tflops"
+    def advance(step):
+        nonlocal rstate, control
+        rstate, control, metrics = compiled(rstate, control, *batch(step))
+        pending.append(metrics)
+        while len(pending) > depth_in_flight:
+            status = pending.pop(0)["status"]
+            jax.block_until_ready(status)
+            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
 
-    print(f"model: {n_params:,} parameters (dim {m.dim}, depth {m.depth}, heads {m.heads}x{m.dim_head}, "
-          f"ff_mult {m.ff_mult}, seq_len {m.seq_len}, {m.dtype})")
-    print(f"  N (matmul parameters) = {dense:,} dense kernels + {embed:,} tied head "
-          f"= {n_matmul:,}  [excluded: {embed:,} embedding lookup, {norms:,} norm scales]")
-    print(f"  FLOPs/token = 6N + 12*L*H*Q*T = {6 * n_matmul:,} + 12*{m.depth}*{m.heads}*{m.dim_head}*{m.seq_len} "
-          f"({attn_flops:,}) = {flops_tok:,} ({flops_tok / 1e6:.1f} MFLOP)")
-    if xla_flops:
-        print(f"  XLA cost analysis of the whole step: {xla_flops / tokens_per_step / 1e6:.1f} MFLOP/token "
-              f"({xla_flops / tokens_per_step / flops_tok:.3f}x the formula)")
-    else:
-        print(f"  XLA cost analysis unavailable ({xla_error})")
-    print(f"warm-up: {args.warmup} steps: " + ", ".join(f"{t:.2f} s ({c:.2f} s compiling)"
-                                                     for t, c in zip(warm_times, warm_compile))
-          + f"; loss {losses[0]:.3f} at step 1 -> {last_loss:.3f} at step {max_steps}")
-    print(f"\ntimed: {args.steps} steps in {elapsed:.2f} s ({timed_compile:.2f} s of it compiling, "
-          f"{timed_compiles} compilations)")
-    print(f"  step time      {1e3 * step_s:12,.1f} ms (mean)")
-    print(f"  throughput     {tok_s:12,.0f} tokens/s ({cfg.batch_size / step_s:,.2f} sequences/s)")
-    achieved = tok_s * flops_tok / 1e12
-    if peak:
-        print(f"  model FLOP/s   {achieved:12.3f} TFLOP/s; MFU {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s "
-              f"({peak_note})")
-    else:
-        print(f"  model FLOP/s   {achieved:12.3f} TFLOP/s; MFU n/a ({peak_note})")
+    def drain():
+        while pending:
+            status = pending.pop(0)["status"]
+            jax.block_until_ready(status)
+            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
 
+    for step in range(args.warmup):
+        advance(step)
+    drain()
+    step = args.warmup
+    for _ in range(args.windows):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            advance(step)
+            step += 1
+        drain()
+        windows.append((time.perf_counter() - t0) / args.steps)
+
+    fwd = bwd_ratio = None
+    if not args.no_ratio:
+        tokens = jnp.asarray(vocab.encode(batch(0)[0][0].reshape(-1, args.seq_len + 1)))
+        params = parallel.first_replica(rstate.params)
+
+        def loss(p):
+            logits, _ = model.apply({"params": p}, tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:], model_cfg.z_loss)[0]
+
+        f, fb = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+        fwd, both = median_time(lambda: f(params), 5), median_time(lambda: fb(params), 5)
+        bwd_ratio = (both - fwd) / fwd
+
+    step_s = statistics.median(windows)
+    tokens_per_step = cfg.batch_size * args.seq_len
+    flops_tok = 6 * (dense + embed) + 12 * args.depth * args.heads * args.dim_head * args.seq_len
+    achieved = tokens_per_step / step_s * flops_tok / 1e12
+    per = next((v for (kind, dt), v in GPU_PEAK_TFLOPS.items() if kind in dev.device_kind and dt == dtype), None)
     stats = [d.memory_stats() for d in jax.local_devices()]
     if all(s and "peak_bytes_in_use" in s for s in stats):
-        peaks = [s["peak_bytes_in_use"] for s in stats]
-        limit = stats[0].get("bytes_limit")
-        print(f"  device memory  peak {max(peaks) / 2**30:.2f} GiB in use (max over {len(peaks)} devices)"
-              + (f" of {limit / 2**30:.1f} GiB" if limit else ""))
+        peak_mem, mem_kind = max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use"
     else:
-        mem = proc_status("VmRSS", "VmHWM")
-        rss, hwm = mem.get("VmRSS", 0) / 2**20, mem.get("VmHWM", 0) / 2**20
-        print(f"  host memory    RSS {rss:,.0f} MiB now, peak {hwm:,.0f} "
-              f"MiB (VmHWM; the backend reports no device memory_stats)")
-    if dev.platform == "cpu":
-        n = args.calibration_size
-        cal = matmul_tflops(n)
-        print(f"  calibration    a {n}^3 float32 matmul reaches {cal:.3f} TFLOP/s right now (best of 10; "
-              f"DESIGN.md says {CPU_PEAK_TFLOPS}); the step's model FLOP/s are {100 * achieved / cal:.0f}% of that")
+        peak_mem, mem_kind = proc_status("VmHWM").get("VmHWM"), "host VmHWM (whole process)"
+    return {
+        "preset": args.preset, "device_kind": dev.device_kind, "platform": dev.platform, "devices": n_dev,
+        "jax": jax.__version__, "source": source, "params": n_params, "matmul_params": dense + embed,
+        "norm_params": norms, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
+        "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": vocab.size,
+        "dtype": dtype, "attention": attention_implementation(model_cfg), "remat": args.remat,
+        "in_flight": depth_in_flight, "tokens_per_step": tokens_per_step,
+        "step_ms_median": 1e3 * step_s, "step_ms_windows": [1e3 * w for w in windows],
+        "tokens_per_s": tokens_per_step / step_s, "flops_per_token": flops_tok,
+        "xla_flops_per_token": xla_flops / tokens_per_step if xla_flops else None,
+        "achieved_tflops": achieved, "peak_measured_tflops": peak_measured, "peak_matmul_n": cal_n,
+        "mfu_measured": achieved / peak_measured,
+        "peak_datasheet_tflops": per * n_dev if per else None,
+        "mfu_datasheet": achieved / (per * n_dev) if per else None,
+        "compile_s": compile_s, "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
+        "xla_temp_bytes": temp_bytes, "fwd_ms": 1e3 * fwd if fwd else None, "bwd_over_fwd": bwd_ratio,
+        "loss_first": losses[0], "loss_last": losses[-1], "load_before": loadavg(),
+    }
+
+
+def show(r: dict) -> None:
+    print(f"devices: {r['devices']} x {r['platform']} ({r['device_kind']}); jax {r['jax']}; batch {r['batch']} "
+          f"({r['grad_accum']} micro-batch(es)), {r['tokens_per_step']:,} tokens/step; {r['in_flight']} step(s) in "
+          f"flight; batches from {r['source']}")
+    print(f"model: {r['params']:,} parameters (dim {r['dim']}, depth {r['depth']}, heads {r['heads']}x{r['dim_head']}, "
+          f"seq_len {r['seq_len']}, vocab {r['vocab']}); compute {r['dtype']}, attention {r['attention']}, "
+          f"remat {r['remat']}")
+    attn = 12 * r["depth"] * r["heads"] * r["dim_head"] * r["seq_len"]
+    print(f"  FLOPs/token = 6N + 12*L*H*Q*T = 6*{r['matmul_params']:,} + {attn:,} = {r['flops_per_token']:,} "
+          f"({r['flops_per_token'] / 1e6:.1f} MFLOP)")
+    if r["xla_flops_per_token"]:
+        print(f"  XLA cost analysis of the whole step: {r['xla_flops_per_token'] / 1e6:.1f} MFLOP/token "
+              f"({r['xla_flops_per_token'] / r['flops_per_token']:.3f}x the formula)")
+    else:
+        print("  XLA cost analysis: not shown (with --grad-accum > 1 it counts the scan's body once)")
+    print(f"  compile        {r['compile_s']:10.1f} s")
+    w = r["step_ms_windows"]
+    print(f"  step time      {r['step_ms_median']:10.1f} ms (median of {len(w)} windows; min {min(w):.1f}, "
+          f"max {max(w):.1f})")
+    print(f"  throughput     {r['tokens_per_s']:10,.0f} tokens/s")
+    print(f"  model FLOP/s   {r['achieved_tflops']:10.3f} TFLOP/s")
+    print(f"  MFU            {100 * r['mfu_measured']:10.1f}% of {r['peak_measured_tflops']:.3f} TFLOP/s measured in this "
+          f"run ({r['peak_matmul_n']}^3 {r['dtype']} matmul, before timing"
+          + ("; all simulated devices share these cores)" if r["platform"] == "cpu" else ")"))
+    if r["mfu_datasheet"] is not None:
+        print(f"  MFU            {100 * r['mfu_datasheet']:10.1f}% of the datasheet's {r['peak_datasheet_tflops']:g} "
+              f"TFLOP/s dense {r['dtype']} ({r['device_kind']})")
+    else:
+        print("  MFU (datasheet) n/a: no datasheet peak for this device and dtype")
+    print(f"  peak memory    {r['peak_memory_bytes'] / 2**20:10,.0f} MiB ({r['peak_memory_kind']}); XLA temporaries of "
+          f"the step {r['xla_temp_bytes'] / 2**20 if r['xla_temp_bytes'] is not None else float('nan'):,.1f} MiB")
+    if r["bwd_over_fwd"] is not None:
+        print(f"  backward/fwd   {r['bwd_over_fwd']:10.2f} (forward {r['fwd_ms']:.1f} ms on one device's batch)")
+    print(f"  loss {r['loss_first']:.3f} at step 1 -> {r['loss_last']:.3f}")
+
+
+def sweep(args, counts) -> list[dict]:
+    """One process per simulated device count (the count is fixed when JAX starts)."""
+    results = []
+    for n in counts:
+        out = Path(f"/tmp/bench_train_{os.getpid()}_{n}.json")
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--devices-sweep")
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        argv = argv[:i] + argv[j:] + ["--cpu-devices", str(n), "--json", str(out)]
+        subprocess.run([sys.executable, __file__, *argv], check=True)
+        results.append(json.loads(out.read_text()))
+        out.unlink()
+    print("\ndevices  step ms  tokens/s  MFU (measured peak)   (simulated CPU devices share the same cores: "
+          "more of them is not a speed-up, only the pmap/pmean path)")
+    for r in results:
+        print(f"{r['devices']:>7} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9,.0f} {100 * r['mfu_measured']:8.1f}%")
+    return results
+
+
+def main() -> None:
+    from mingpt_palm.config import UserError
+
+    args = parse_args()
+    print(loadavg())
+    if args.devices_sweep:
+        results = sweep(args, args.devices_sweep)
+    else:
+        try:
+            results = run(args)
+        except UserError as e:  # a setting this machine cannot run (cudnn on a CPU, say): one line
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        show(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"{loadavg()} at the end")
 
 

@@ -40,8 +40,17 @@ class ModelConfig:
     """Feed-forward hidden width as a multiple of dim (each SwiGLU half has ff_mult * dim units)."""
     z_loss: float = 1e-4
     """Weight of the auxiliary z-loss, z_loss * logsumexp(logits)^2, which keeps logits from drifting."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of matmuls (parameters, norms, softmax and loss stay float32). bfloat16 for GPUs."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of matmuls and attention. auto: bfloat16 on GPUs, float32 on CPUs. Parameters,
+    optimizer state, the residual stream, norms, softmax and the loss stay float32 either way."""
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    """Attention kernel (jax.nn.dot_product_attention). cudnn: cuDNN's fused flash kernel (NVIDIA GPU,
+    bfloat16, dim_head a multiple of 8 and at most 128, or 256 from Hopper on). xla: plain XLA, any device.
+    auto: cudnn where it applies, else xla. Cached decoding always uses xla (its mask is not causal)."""
+    remat: Literal["none", "block", "dots"] = "none"
+    """Rematerialisation of each block in the backward pass, trading compute for memory. block: keep
+    only each block's input and recompute the rest; dots: keep matmul outputs, recompute elementwise
+    work. The numbers are the same as with none."""
     num_tokens: tyro.conf.Suppress[int] = 256
     """Vocabulary size; set from the data's vocabulary, not from the command line."""
 
@@ -102,7 +111,11 @@ class TrainConfig:
     """Continue from this checkpoint step instead of the newest (implies --restore-checkpoint); newer
     checkpoints are moved to superseded_checkpoints/ in the experiment, never deleted."""
     batch_size: int = 32
-    """Global batch in sequences per step, split evenly over all devices of all processes."""
+    """Global batch in sequences per optimizer step, split evenly over all devices of all processes."""
+    grad_accum_steps: int = 1
+    """Split each device's share of the batch into this many micro-batches and accumulate their gradients
+    inside the step (one all-reduce per update): the same update, with the activation memory of one
+    micro-batch. --batch-size stays the global batch per update."""
     max_steps: int = 100_000
     """Number of optimizer steps; the cosine schedule ends here."""
     max_epochs: Optional[float] = None
@@ -171,13 +184,16 @@ class EvalConfig:
 # intervals, logging, where files live) may change from one resume to the next.
 RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.vocab", "data.val_fraction",
                 "data.test_fraction")
+# Inside `model`, how the same numbers are computed rather than which: a resume may change them (on
+# another machine, say). The dtype is not among them: bfloat16 computes other numbers than float32.
+HOW_NOT_WHAT = ("model.attention", "model.remat", "grad_accum_steps")
 
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
 STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32
 
 
 def is_run_defining(path: str) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in RUN_DEFINING)
+    return path not in HOW_NOT_WHAT and any(path == p or path.startswith(p + ".") for p in RUN_DEFINING)
 
 
 def to_dict(cfg) -> dict:
@@ -307,7 +323,7 @@ def validate_train(cfg: TrainConfig) -> None:
     _require(cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs {cfg.max_epochs} must be > 0")
     _require(cfg.restore_step is None or cfg.restore_step >= 1, f"--restore-step {cfg.restore_step} must be >= 1")
     for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
-                 "distributed_timeout"):
+                 "distributed_timeout", "grad_accum_steps"):
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     for name in ("eval_interval", "sample_length"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")

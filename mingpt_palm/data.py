@@ -46,6 +46,11 @@ class Vocab:
             counts += np.bincount(train[start : start + (1 << 24)], minlength=256)
         return cls("char", np.flatnonzero(counts))
 
+    @property
+    def table(self) -> np.ndarray:
+        """int32 [256]: the token id of every byte value (training encodes on the device with it)."""
+        return self._encode
+
     def encode(self, raw: np.ndarray) -> np.ndarray:
         return self._encode[raw]
 

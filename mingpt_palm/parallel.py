@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import flax.jax_utils
 import jax
 import numpy as np
 
@@ -136,14 +135,17 @@ def sum_over_processes(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
-def check_batch(global_batch: int) -> int:
-    """The per-process batch for a global batch; a clear error when it does not divide evenly."""
+def check_batch(global_batch: int, accum: int = 1) -> int:
+    """The per-process batch for a global batch; a clear error when it does not divide evenly over the
+    devices and, within each device, into `accum` equal micro-batches."""
     devices = jax.device_count()
-    if global_batch <= 0 or global_batch % devices:
+    unit = devices * accum
+    if global_batch <= 0 or global_batch % unit:
+        split = f"the {devices} devices" if accum == 1 else f"{devices} devices x {accum} micro-batches (= {unit})"
         raise UserError(
-            f"--batch-size {global_batch} is not a positive multiple of the {devices} devices "
+            f"--batch-size {global_batch} is not a positive multiple of {split} "
             f"({jax.process_count()} process(es) x {jax.local_device_count()} local); "
-            f"use a multiple of {devices}, e.g. {max(devices, global_batch // devices * devices or devices)}"
+            f"use a multiple of {unit}, e.g. {max(unit, global_batch // unit * unit or unit)}"
         )
     return global_batch // jax.process_count()
 
@@ -159,14 +161,31 @@ def replicate(tree):
     return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
 
+def first_replica(tree):
+    """The copy on the first local device of every replicated leaf, still on that device (no transfer).
+
+    Indexing a pmap output (`x[0]`, as flax.jax_utils.unreplicate does) gathers the whole array to
+    every device since pmap became jit(shard_map); the first shard is already there.
+    """
+    return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+
+
 def unreplicate(tree):
-    return flax.jax_utils.unreplicate(tree)
+    """A host (numpy) copy of a replicated tree, read from the first local device only."""
+    return jax.device_get(first_replica(tree))
 
 
 def shard(batch: np.ndarray) -> np.ndarray:
     """[local_batch, ...] -> [local_devices, local_batch / local_devices, ...] (a view, no copy)."""
     n = jax.local_device_count()
     return batch.reshape(n, batch.shape[0] // n, *batch.shape[1:])
+
+
+def shard_micro_batches(batch: np.ndarray, accum: int) -> np.ndarray:
+    """[local_batch, ...] -> [local_devices, accum, micro-batch, ...]: each device's rows (the same rows
+    `shard` gives it) cut into accum micro-batches (a view, no copy)."""
+    n = jax.local_device_count()
+    return batch.reshape(n, accum, batch.shape[0] // n // accum, *batch.shape[1:])
 
 
 def pmean(tree):

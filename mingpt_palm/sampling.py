@@ -68,7 +68,7 @@ def _pad_prompt(cfg: ModelConfig, prompt_ids) -> tuple[np.ndarray, int]:
 def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples, temperature, top_k, top_p):
     model = PaLM(cfg)
     tokens = jnp.broadcast_to(padded, (num_samples, cfg.seq_len))
-    cache = init_cache(cfg, (num_samples,), jnp.dtype(cfg.dtype))
+    cache = init_cache(cfg, (num_samples,))
     logits, cache = model.apply({"params": params}, tokens, jnp.arange(cfg.seq_len), cache)
     last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
 

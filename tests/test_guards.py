@@ -204,18 +204,21 @@ def test_a_step_whose_update_is_not_finite_is_skipped():
     from mingpt_palm import parallel
     from mingpt_palm.config import ModelConfig, TrainConfig
     from mingpt_palm.model import PaLM
-    from mingpt_palm.train import init_state, train_step
+    from mingpt_palm.state import init_state
+    from mingpt_palm.step import Control, train_step
 
     cfg = TrainConfig(model=ModelConfig(seq_len=8, dim=16, depth=1, heads=2, dim_head=8))
     model = PaLM(cfg.model)
-    tokens = (np.arange(4 * 9).reshape(4, 9) * 7 % 256).astype(np.int32)
+    tokens = (np.arange(4 * 9).reshape(4, 9) * 7 % 256).astype(np.uint8)
     for lr, applied in ((np.inf, False), (1e-3, True)):
         schedule = lambda count, lr=lr: jnp.float32(lr)  # noqa: E731
         tx = optax.adamw(schedule, weight_decay=0.0)
         state = init_state(model, tx, cfg)
-        step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4))
-        new, metrics = step(parallel.replicate(state), parallel.shard(tokens),
-                            np.zeros(jax.local_device_count(), bool))
+        step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4,
+                                     table=jnp.arange(256, dtype=jnp.int32), max_nonfinite=10))
+        new, control, metrics = step(parallel.replicate(state), parallel.replicate(Control.start()),
+                                     parallel.shard_micro_batches(tokens, 1), np.zeros(jax.local_device_count(), bool))
+        assert int(control.bad_in_row[0]) == (0 if applied else 1) and not bool(control.halted[0])
         assert bool(metrics["finite"][0]) == applied, lr
         assert np.isfinite(float(metrics["loss"][0])) and np.isfinite(float(metrics["grad_norm"][0]))
         changed = [not np.array_equal(a, b[0]) for a, b in zip(leaves(state.params), leaves(new.params))]

@@ -330,7 +330,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
 
     import train_char
     from mingpt_palm import data, model
-    from mingpt_palm import train as train_module
+    from mingpt_palm import step as step_module
 
     poisoned: set[int] = set()
     real_get_batch, real_cross_entropy = data.get_batch, model.cross_entropy
@@ -345,7 +345,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
         return loss + nan, dict(metrics, loss=metrics["loss"] + nan)
 
     monkeypatch.setattr(data, "get_batch", get_batch)
-    monkeypatch.setattr(train_module, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(step_module, "cross_entropy", cross_entropy)
 
     def cli(*extra) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", ["train_char.py", "--dataset-path", str(shakespeare), "--experiments-dir",

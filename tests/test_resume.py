@@ -117,7 +117,7 @@ def test_max_epochs_gives_the_exact_step_count(tmp_path):
 
 
 def test_steps_for_epochs_formula():
-    from mingpt_palm.train import steps_for_epochs
+    from mingpt_palm.setup import steps_for_epochs
 
     assert steps_for_epochs(1.0, train_bytes=1000, seq_len=10, batch_size=4) == 25
     assert steps_for_epochs(0.5, train_bytes=1000, seq_len=10, batch_size=3) == 17  # 16.67 rounds up

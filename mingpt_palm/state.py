@@ -1,0 +1,45 @@
+"""The train state and how to build it (or its abstract shape) from a config: what training,
+evaluation and the benchmarks all need, below all of them."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mingpt_palm.config import TrainConfig
+from mingpt_palm.model import PaLM
+from mingpt_palm.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken so far (= index of the next batch)
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # steps whose loss or gradient was non-finite and were not applied
+
+
+def init_params(model, cfg: TrainConfig):
+    return model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
+
+
+def init_state(model, tx, cfg: TrainConfig) -> TrainState:
+    params = init_params(model, cfg)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), skipped=jnp.int32(0))
+
+
+def build(cfg: TrainConfig):
+    """(model, optimizer, schedule, decayed parameter names, abstract train state) for a config:
+    shapes only (jax.eval_shape), nothing allocated."""
+    model = PaLM(cfg.model)
+    tx, schedule, decayed = make_optimizer(cfg.optim, cfg.max_steps, jax.eval_shape(partial(init_params, model, cfg)))
+    return model, tx, schedule, decayed, jax.eval_shape(partial(init_state, model, tx, cfg))
+
+
+def all_finite(tree) -> jax.Array:
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))

@@ -1,0 +1,91 @@
+"""The data-parallel train step: a pure function of (state, control, bytes), pmapped by train.py.
+
+It accumulates gradients over micro-batches inside the step (one all-reduce per update, as MaxText
+and levanter do), skips any update whose loss, gradient or result is not finite, and halts itself on
+the device: once a stop is agreed or too many non-finite steps came in a row, later steps change
+nothing, so steps already in flight when the host finds out cannot move the run past the right step.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mingpt_palm import parallel
+from mingpt_palm.model import cross_entropy
+from mingpt_palm.state import TrainState, all_finite
+
+# status: what the host reads every step (one small vector from one device); the rest of the
+# metrics only on the steps it logs.
+STATUS = ("finite", "halted", "stop", "bad_in_row", "loss", "grad_norm")
+
+
+@flax.struct.dataclass
+class Control:
+    """Run control carried from step to step on the devices (not checkpointed)."""
+
+    bad_in_row: jax.Array  # consecutive non-finite steps
+    halted: jax.Array  # a stop was agreed or the run gave up: later steps are no-ops
+
+    @classmethod
+    def start(cls) -> "Control":
+        return cls(bad_in_row=jnp.int32(0), halted=jnp.bool_(False))
+
+
+def _grads(params, tokens, model, z_loss):
+    def loss_fn(p):
+        logits, _ = model.apply({"params": p}, tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:], z_loss)
+
+    (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {k: m[k] for k in ("loss", "bpc", "z_loss")}
+
+
+def accumulated_grads(params, tokens, model, z_loss):
+    """Mean gradient and metrics over micro-batches tokens [k, b, L+1]: a scan, so the k backward
+    passes share one compiled body and the activations of one micro-batch live at a time."""
+    if tokens.shape[0] == 1:
+        return _grads(params, tokens[0], model, z_loss)
+
+    def body(total, micro):
+        grads, metrics = _grads(params, micro, model, z_loss)
+        return jax.tree.map(jnp.add, total, grads), metrics
+
+    total, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), tokens)
+    k = tokens.shape[0]
+    # Equal micro-batches: the mean of their means is the mean over the whole batch.
+    return jax.tree.map(lambda g: g / k, total), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+def train_step(state: TrainState, control: Control, raw, stop, *, model, tx, schedule, z_loss, table,
+               max_nonfinite):
+    """One update from this device's bytes raw uint8 [k, b, L+1] (k micro-batches), encoded here
+    through `table` (byte -> token id). `stop`: this process asks to stop; the step returns whether any
+    process asked, so all processes stop after the same step. Returns (state, control, metrics)."""
+    grads, metrics = accumulated_grads(state.params, table[raw], model, z_loss)
+    grads, metrics = parallel.pmean((grads, metrics))
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A finite loss and gradient can still give non-finite weights (an overflowing update): the
+    # result is checked too, so that no step can poison the parameters.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite((params, opt_state))
+    active = ~control.halted
+    apply = finite & active
+    # A skipped step changes nothing but the counters: params and Adam moments stay as they were.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    stop_any = parallel.pany(stop)
+    bad = jnp.where(active, jnp.where(finite, 0, control.bad_in_row + 1), control.bad_in_row)
+    halted = control.halted | (active & (stop_any | (bad >= max_nonfinite)))
+    new_state = TrainState(
+        step=state.step + active.astype(jnp.int32),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (active & ~finite).astype(jnp.int32),
+    )
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step - state.skipped), finite=finite, stop=stop_any,
+                   halted=halted, bad_in_row=bad)
+    metrics["status"] = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in STATUS])
+    return new_state, Control(bad_in_row=bad, halted=halted), metrics
