@@ -151,8 +151,9 @@ def main() -> None:
             print(f"{r['ctx']:>7} {name:>9} {x['chars_s']:>9,.1f} {x['min']:>7.3f} {x['median']:>9.3f} "
                   f"{x['first']:>13.2f} {extra}")
 
-    item = jnp.dtype(args.dtype).itemsize
-    print(f"\nKV cache per sequence ({args.dtype}: {item} bytes/number; formula 2 * depth * context * dim_head "
+    dtype = compute_dtype(ModelConfig(dtype=args.dtype))
+    item = dtype.itemsize
+    print(f"\nKV cache per sequence ({dtype.name}: {item} bytes/number; formula 2 * depth * context * dim_head "
           f"* bytes for multi-query, x heads for multi-head)")
     print(f"{'context':>7} {'multi-query (measured)':>23} {'multi-head would need':>22} {'ratio':>6}")
     for r in rows:

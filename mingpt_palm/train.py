@@ -124,6 +124,30 @@ class Prefetcher:
         self._thread.join()
 
 
+class HostCopy:
+    """jax.device_get of a tree on a background thread; result() waits and raises what it raised."""
+
+    def __init__(self, tree):
+        self._out, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(tree,), daemon=True, name="host-copy")
+        self._thread.start()
+
+    def _run(self, tree) -> None:
+        try:
+            self._out = jax.device_get(tree)
+        except BaseException as e:  # raised on the main thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
 class Trainer:
     """The step loop and its periodic work (log, evaluate, save)."""
 
@@ -156,8 +180,8 @@ class Trainer:
         self.p_step = self.make_step()
         self.pending: collections.deque = collections.deque()  # (step, metrics) dispatched, not yet read
         self.last_saved, self.last_evaluated, self.halted, self.stop_agreed = run.start, -1, False, False
-        self.saver: threading.Thread | None = None
-        self.save_error: BaseException | None = None
+        self.copy: HostCopy | None = None  # a checkpoint on its way to the host
+        self.to_write: tuple | None = None  # (step, meta) of that checkpoint
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def make_step(self):
@@ -197,6 +221,7 @@ class Trainer:
                         self.rstate, self.control, batches.get(step), self.stop_flags(stop.signum is not None))
                     self.pending.append((step + 1, metrics))
                     self.complete(keep=self.depth)
+                    self.start_write()
                     done = step + 1
                     periodic = (cfg.eval_interval and done % cfg.eval_interval == 0) or \
                         done % cfg.checkpoint_interval == 0 or done == cfg.max_steps
@@ -315,9 +340,11 @@ class Trainer:
             self.say(f"step {step}: val loss {result['loss']:.4f}, val bpc {result['bpc']:.4f}")
 
     def save(self, step: int) -> None:
-        """Checkpoint this step without holding up training: the state is copied on the device (the next
-        step may overwrite donated buffers), then brought to the host and written on a background thread.
-        The previous save must have finished first, so that a failure is blamed on the step that failed."""
+        """Checkpoint this step without holding up training for the copy to the host: the state is copied
+        on the device (the next step may overwrite donated buffers), brought to the host on a background
+        thread, and handed to orbax (which writes asynchronously) on the main thread once it is there:
+        orbax's own threads and event loop belong to the main thread. The previous save must have finished
+        first, so that a failure is blamed on the step that failed."""
         with self.not_training_time():
             self.finish_saves()
             snapshot = jax.tree.map(jnp.copy, parallel.first_replica(self.rstate))
@@ -327,29 +354,23 @@ class Trainer:
             if self.writer:  # a killed run's curves then reach at least its last checkpoint
                 with self.stopping_on_a_full_disk(step):
                     self.writer.flush()
-            if self.n_proc > 1:  # orbax coordinates the processes of a job: keep its calls on the main thread
-                self.write_checkpoint(step, snapshot, meta)
-                return
-            self.saver = threading.Thread(target=self.write_checkpoint, args=(step, snapshot, meta), daemon=True,
-                                          name=f"save-{step}")
-            self.saver.start()
+            self.copy = HostCopy(snapshot)
+            self.to_write = (step, meta)
+            if self.n_proc > 1:  # all processes of a job must reach orbax's save together: no waiting game
+                self.start_write(wait=True)
 
-    def write_checkpoint(self, step: int, snapshot, meta: dict) -> None:
-        try:
-            with self.stopping_on_a_full_disk(step):
-                self.exp.save(step, snapshot, meta)
-        except BaseException as e:
-            if self.n_proc > 1:
-                raise
-            self.save_error = e  # raised on the main thread by finish_saves
+    def start_write(self, wait: bool = False) -> None:
+        """Hand a checkpoint whose host copy is complete to orbax (`wait`: block for the copy)."""
+        if self.to_write is None or not (wait or self.copy.done()):
+            return
+        step, meta = self.to_write
+        self.to_write = None
+        with self.not_training_time(), self.stopping_on_a_full_disk(step):
+            self.exp.save(step, self.copy.result(), meta)
+        self.copy = None
 
     def finish_saves(self) -> None:
-        if self.saver is not None:
-            self.saver.join()
-            self.saver = None
-        if self.save_error is not None:
-            error, self.save_error = self.save_error, None
-            raise error
+        self.start_write(wait=True)
         with self.stopping_on_a_full_disk(self.last_saved):
             self.exp.wait()
 
@@ -371,8 +392,6 @@ class Trainer:
 
     def close(self) -> None:
         self.bar.close()
-        if self.saver is not None:
-            self.saver.join()
         with contextlib.suppress(Exception):  # after a failed save orbax raises its error again here
             self.exp.close()
         if self.writer:
