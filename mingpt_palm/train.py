@@ -392,6 +392,10 @@ class Trainer:
 
     def close(self) -> None:
         self.bar.close()
+        # A checkpoint already taken is written even when the run fails right after it (a non-finite
+        # streak's last step, say): the stop message names it as the last good one.
+        with contextlib.suppress(Exception):
+            self.start_write(wait=True)
         with contextlib.suppress(Exception):  # after a failed save orbax raises its error again here
             self.exp.close()
         if self.writer:

@@ -60,23 +60,21 @@ def test_every_attention_implementation_equals_the_einsum_reference(implementati
     atol = 0.1 if dtype == "bfloat16" else 1e-5
     params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 3 * cfg.seq_len), 0, 256)
-    apply = jax.jit(lambda p, t, pos=None, c=None: PaLM(cfg).apply({"params": p}, t, pos, c))
-    ours_window, _ = apply(params, tokens[:, : cfg.seq_len])
-    ours_long, _ = apply(params, tokens)
-    cache = init_cache(cfg, (2,))
-    _, cache = apply(params, tokens[:, :5], jnp.arange(5), cache)
-    ours_cached, _ = apply(params, tokens[:, 5:6], jnp.arange(5, 6), cache)
-
+    ours = _window_long_and_cached_logits(cfg, params, tokens)
     monkeypatch.setattr(model_lib, "attend", einsum_attend)
-    ref_apply = jax.jit(lambda p, t, pos=None, c=None: PaLM(cfg).apply({"params": p}, t, pos, c))
-    ref_window, _ = ref_apply(params, tokens[:, : cfg.seq_len])
-    ref_long, _ = ref_apply(params, tokens)
-    cache = init_cache(cfg, (2,))
-    _, cache = ref_apply(params, tokens[:, :5], jnp.arange(5), cache)
-    ref_cached, _ = ref_apply(params, tokens[:, 5:6], jnp.arange(5, 6), cache)
-    np.testing.assert_allclose(ours_window, ref_window, atol=atol, rtol=0)
-    np.testing.assert_allclose(ours_long, ref_long, atol=atol, rtol=0)
-    np.testing.assert_allclose(ours_cached, ref_cached, atol=atol, rtol=0)
+    for a, b in zip(ours, _window_long_and_cached_logits(cfg, params, tokens), strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+def _window_long_and_cached_logits(cfg, params, tokens):
+    """Logits of one training window, of a forward over all of `tokens` (past seq_len), and of one cached
+    decoding step after a 5-token prompt; compiled anew, so that a patched `attend` is traced."""
+    apply = jax.jit(lambda p, t, pos=None, c=None: PaLM(cfg).apply({"params": p}, t, pos, c))
+    window, _ = apply(params, tokens[:, : cfg.seq_len])
+    long, _ = apply(params, tokens)
+    _, cache = apply(params, tokens[:, :5], jnp.arange(5), init_cache(cfg, (2,)))
+    cached, _ = apply(params, tokens[:, 5:6], jnp.arange(5, 6), cache)
+    return window, long, cached
 
 
 def test_cudnn_where_it_cannot_run_is_one_clear_error():
