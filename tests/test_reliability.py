@@ -471,6 +471,11 @@ BAD_INPUT = {
                                  ["the val split of smallval.txt has 49 bytes", "--data.val-fraction"]),
     "batch not divisible by devices": ("train_char.py", [*SHAKES, *NEW, "--batch-size", 6],
                                        ["--batch-size 6 is not a positive multiple of the 4 devices"]),
+    "batch not divisible into micro-batches": ("train_char.py", [*SHAKES, *NEW, "--grad-accum-steps", 3],
+                                               ["--batch-size 8 is not a positive multiple of 4 devices x 3 "
+                                                "micro-batches (= 12)", "use a multiple of 12, e.g. 12"]),
+    "cudnn attention on a CPU": ("train_char.py", [*SHAKES, *NEW, "--model.attention", "cudnn"],
+                                 ["--model.attention cudnn cannot run here: it needs an NVIDIA GPU (this is cpu)"]),
     "experiment exists": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "base"],
                           ["experiments/base already exists; pass --restore-checkpoint", "nothing was changed"]),
     "restore unknown experiment": ("train_char.py", [*SHAKES, *NEW, "--restore-checkpoint"],

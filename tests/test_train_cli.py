@@ -77,6 +77,22 @@ def test_data_parallel_parity(shakespeare, tmp_path, clip):
         np.testing.assert_allclose([v for _, v in four[tag]], [v for _, v in one[tag]], rtol=1e-4, err_msg=tag)
 
 
+def test_grad_accumulation_through_the_cli(shakespeare, tmp_path):
+    """--grad-accum-steps 2 says how it splits the batch and trains like 1 micro-batch: 10 steps, the same
+    sequences per update, so parameters and moments agree to float32 rounding (atol 2e-5, as above), and
+    the logged losses to rel 1e-4. A micro-batch dropped or counted twice changes the losses at once."""
+    args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", 10,
+            "--eval-interval", 0, "--log-interval", 1]
+    two = run_cli("train_char.py", *args, "--experiment-name", "two", "--grad-accum-steps", 2)
+    assert "global batch 8 = 2 micro-batches of 1 per device x 4 devices, accumulated; 512 tokens/step" in two.stdout
+    run_cli("train_char.py", *args, "--experiment-name", "one")
+    a, b = load_state(tmp_path / "two"), load_state(tmp_path / "one")
+    for x, y in zip(leaves((a["params"], a["opt_state"])), leaves((b["params"], b["opt_state"])), strict=True):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)
+    np.testing.assert_allclose([v for _, v in read_scalars(tmp_path / "two" / "tb")["train/loss"]],
+                               [v for _, v in read_scalars(tmp_path / "one" / "tb")["train/loss"]], rtol=1e-4)
+
+
 def test_resume_continues_from_saved_step(shakespeare, tmp_path):
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, "--experiment-name", "r", *TINY,
             "--eval-interval", 0, "--checkpoint-interval", 10, "--log-interval", 1]
