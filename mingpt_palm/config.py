@@ -185,8 +185,9 @@ class EvalConfig:
 RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.vocab", "data.val_fraction",
                 "data.test_fraction")
 # Inside `model`, how the same numbers are computed rather than which: a resume may change them (on
-# another machine, say). The dtype is not among them: bfloat16 computes other numbers than float32.
-HOW_NOT_WHAT = ("model.attention", "model.remat", "grad_accum_steps")
+# another machine, say), as it may change grad_accum_steps (not run-defining to begin with). The dtype
+# is not among them: bfloat16 computes other numbers than float32.
+HOW_NOT_WHAT = ("model.attention", "model.remat")
 
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
 STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32

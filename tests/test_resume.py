@@ -122,3 +122,17 @@ def test_steps_for_epochs_formula():
     assert steps_for_epochs(1.0, train_bytes=1000, seq_len=10, batch_size=4) == 25
     assert steps_for_epochs(0.5, train_bytes=1000, seq_len=10, batch_size=3) == 17  # 16.67 rounds up
     assert steps_for_epochs(1e-9, train_bytes=1000, seq_len=10, batch_size=4) == 1
+
+
+def test_how_but_not_what_may_change_on_resume(reference, tmp_path):
+    """Remat, the attention kernel and gradient accumulation change how the step computes, not what: a
+    resume may change them (recorded in history.jsonl). The compute dtype changes the numbers: refused."""
+    exp = copy_of(reference, tmp_path)
+    run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 14,
+            "--model.remat", "dots", "--model.attention", "xla", "--grad-accum-steps", 2, cwd=tmp_path)
+    history = [json.loads(line) for line in (exp / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"] == {"max_steps": [12, 14], "grad_accum_steps": [1, 2],
+                                      "model.attention": ["auto", "xla"], "model.remat": ["none", "dots"]}
+    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 16,
+                   "--model.dtype", "bfloat16", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "model.dtype: 'auto' saved vs 'bfloat16' given" in proc.stderr, proc.stderr
