@@ -141,10 +141,13 @@ def test_sigkill_after_an_observed_step_then_resume_is_bit_exact(shakespeare, tm
     run_cli("train_char.py", *args, "--experiment-name", "ref", cwd=tmp_path)
 
     # "Any moment after the first checkpoint": a step chosen at random, killed as soon as its line is printed
-    # (between checkpoints, or while one is being written); reported on failure.
+    # (between checkpoints, or while one is being written) once the first checkpoint is complete on disk
+    # (saves are asynchronous: step 10's may still be in progress when step 11 prints); reported on failure.
     target = random.randint(every + 1, steps - 20)
     proc = popen_train(*args, "--experiment-name", "cut", cwd=tmp_path)
-    wait_until(lambda: f"step {target}/{steps}:" in popen_output(tmp_path)[0], proc, interval=0.002)
+    wait_until(lambda: f"step {target}/{steps}:" in popen_output(tmp_path)[0] and steps_in(tmp_path / "cut" /
+                                                                                            "checkpoints"),
+               proc, interval=0.002)
     proc.kill()  # SIGKILL to this process id: nothing gets to clean up
     proc.wait(timeout=60)
     context = f"killed after step {target} was printed"
