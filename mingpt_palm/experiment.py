@@ -120,6 +120,10 @@ def _read_json(path: Path, what: str, fix: str):
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it holds {what}; {fix}") from None
 
 
+class _Vanished(Exception):
+    """A checkpoint step that a live training run removed (rotation) while it was being read."""
+
+
 class RunLock:
     """An exclusive `flock` on <experiment>/run.lock, held by a training run for as long as it lives.
 
@@ -441,9 +445,20 @@ class Experiment:
         """Restore `step` (default: the newest that loads), falling back past corrupt ones.
 
         Returns (state, meta, step). Incomplete saves are never candidates; a reader (eval) while a
-        training run holds the lock knows they are saves in progress, not interrupted ones.
+        training run holds the lock knows they are saves in progress, not interrupted ones, and that the
+        run may rotate the step it is reading away: then it reads the directory again and takes the
+        newest one there now.
         """
-        in_progress = read_only and self.lock.holder()
+        live = read_only and self.lock.holder()
+        for attempt in range(10 if live else 1):
+            try:
+                return self._restore(abstract_state, step, read_only, bool(live))
+            except (_Vanished, FileNotFoundError):
+                if not live or attempt == 9:
+                    raise
+                self._manager = None  # its list of steps is out of date
+
+    def _restore(self, abstract_state, step, read_only: bool, in_progress: bool):
         for tmp in self.incomplete_checkpoints():
             if not in_progress:
                 warn(f"ignoring incomplete checkpoint {self.checkpoint_dir / tmp} (its save was interrupted)")
@@ -470,6 +485,8 @@ class Experiment:
                                                 meta=ocp.args.JsonRestore()),
                     )
             except Exception as e:  # a damaged checkpoint can fail in many layers (json, tensorstore, zarr)
+                if in_progress and not (self.checkpoint_dir / str(s)).is_dir():
+                    raise _Vanished(s) from e  # rotated away by the live run while we read it: not damaged
                 reason = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else "")
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)
