@@ -450,13 +450,15 @@ class Experiment:
         newest one there now.
         """
         live = read_only and self.lock.holder()
-        for attempt in range(10 if live else 1):
+        for _ in range(10 if live else 1):
             try:
                 return self._restore(abstract_state, step, read_only, bool(live))
             except (_Vanished, FileNotFoundError):
-                if not live or attempt == 9:
+                if not live:
                     raise
                 self._manager = None  # its list of steps is out of date
+        raise UserError(f"the training run using {self.path} ({live}) removed each checkpoint before it could be "
+                        "read, 10 times; pass --checkpoint-step of a step it keeps, or raise --keep-checkpoints")
 
     def _restore(self, abstract_state, step, read_only: bool, in_progress: bool):
         for tmp in self.incomplete_checkpoints():
