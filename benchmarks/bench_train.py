@@ -168,7 +168,7 @@ def run(args) -> dict:
     del state
     dev, n_dev = jax.devices()[0], jax.device_count()
     dtype = compute_dtype(model_cfg).name
-    depth_in_flight = 1 if dev.platform == "cpu" else 3
+    depth_in_flight = parallel.steps_in_flight()
 
     def batch(step: int):
         raw = data.get_batch(split, cfg.seed, step, cfg.batch_size, args.seq_len, jax.process_index(),
@@ -197,20 +197,21 @@ def run(args) -> dict:
 
     pending, losses, windows = [], [], []
 
-    def advance(step):
-        nonlocal rstate, control
-        rstate, control, metrics = compiled(rstate, control, *batch(step))
-        pending.append(metrics)
-        while len(pending) > depth_in_flight:
+    def complete(keep: int) -> None:
+        """Read the finished steps' status (as train.py does) until at most `keep` are in flight."""
+        while len(pending) > keep:
             status = pending.pop(0)["status"]
             jax.block_until_ready(status)
             losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
 
+    def advance(step):
+        nonlocal rstate, control
+        rstate, control, metrics = compiled(rstate, control, *batch(step))
+        pending.append(metrics)
+        complete(depth_in_flight)
+
     def drain():
-        while pending:
-            status = pending.pop(0)["status"]
-            jax.block_until_ready(status)
-            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
+        complete(0)
 
     for step in range(args.warmup):
         advance(step)

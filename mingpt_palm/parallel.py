@@ -188,6 +188,12 @@ def shard_micro_batches(batch: np.ndarray, accum: int) -> np.ndarray:
     return batch.reshape(n, accum, batch.shape[0] // n // accum, *batch.shape[1:])
 
 
+def steps_in_flight() -> int:
+    """Train steps dispatched before the oldest is read: on an accelerator the host runs ahead while the
+    device works; on CPUs exactly one, as back-to-back dispatch can hang XLA's all-reduce (DESIGN.md)."""
+    return 1 if jax.default_backend() == "cpu" else 3
+
+
 def pmean(tree):
     """Average over all devices of all processes; call inside a function given to `pmap`."""
     return jax.lax.pmean(tree, AXIS)

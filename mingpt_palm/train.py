@@ -160,8 +160,7 @@ class Trainer:
         self.accum = cfg.grad_accum_steps
         self.tokens_per_step = cfg.batch_size * cfg.model.seq_len
         self.local_batch = parallel.check_batch(cfg.batch_size, self.accum)
-        # Steps in flight: on an accelerator the host runs ahead while the device works.
-        self.depth = 1 if jax.default_backend() == "cpu" else 3
+        self.depth = parallel.steps_in_flight()
         self.p_eval = evaluate.make_eval_step(run.model)
         vocab, val = run.vocab, run.corpus.val
         self.val_tokens = np.concatenate([
@@ -193,13 +192,11 @@ class Trainer:
                                      z_loss=cfg.model.z_loss, table=jnp.asarray(run.vocab.table),
                                      max_nonfinite=cfg.max_nonfinite_steps), donate_state=True)
 
-    def batch_shaped(self, raw: np.ndarray) -> np.ndarray:
-        return parallel.shard_micro_batches(raw, self.accum)
-
     def make_batch(self, step: int) -> np.ndarray:
         cfg = self.cfg
-        return self.batch_shaped(data.get_batch(self.run.corpus.train, cfg.seed, step, cfg.batch_size,
-                                                cfg.model.seq_len, jax.process_index(), self.n_proc))
+        raw = data.get_batch(self.run.corpus.train, cfg.seed, step, cfg.batch_size, cfg.model.seq_len,
+                             jax.process_index(), self.n_proc)
+        return parallel.shard_micro_batches(raw, self.accum)
 
     @staticmethod
     def stop_flags(asked: bool) -> np.ndarray:
