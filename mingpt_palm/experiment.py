@@ -28,6 +28,7 @@ import shutil
 import socket
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -92,6 +93,27 @@ class _DropDiskFull(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropDiskFull())
+
+
+def _is_late_tensorstore_callback(unraisable) -> bool:
+    """A save that fails (a full disk) ends orbax's event loop while tensorstore is still finishing the
+    other writes of that checkpoint; each of them then reports into the closed loop from a C++ thread,
+    and Python prints one "Event loop is closed" traceback per array. The save itself raised, and the
+    run says so in one line; these are echoes of a checkpoint already abandoned."""
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None
+            and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py") for f in frames))
+
+
+def _drop_late_tensorstore_callbacks(previous=sys.unraisablehook):
+    def hook(unraisable):
+        if not _is_late_tensorstore_callback(unraisable):
+            previous(unraisable)
+    return hook
+
+
+sys.unraisablehook = _drop_late_tensorstore_callbacks()
 
 
 def list_experiments(experiments_dir: str | Path) -> list[str]:
