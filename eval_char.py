@@ -1,7 +1,8 @@
-"""Sample text from a trained experiment and score bits per character on a whole split.
+"""Sample text from a trained experiment and score bits per byte on a whole split.
 
     python eval_char.py --experiment-name shakes --sample-steps 300 --sample-from-top-k 10
     python eval_char.py --experiment-name enwik8_run --split test --sample-steps 0
+    python eval_char.py --experiment-name enwik8_run --split test --sample-steps 0 --eval-seq-len 1024 --stride 128
 """
 
 import sys
@@ -78,39 +79,64 @@ def sample(cfg: EvalConfig, train_cfg, vocab, params, corpus) -> None:
     stdout = sys.stdout.buffer
     stdout.write(b"=== prompt ===\n" + prompt + b"\n")
     for i, ids in enumerate(out):
-        stdout.write(f"=== sample {i + 1} of {len(out)}: {cfg.sample_steps} characters, seed {cfg.seed} ===\n"
-                     .encode())
-        stdout.write(vocab.decode(ids) + b"\n")
+        text = vocab.decode(ids)
+        length = (f"{cfg.sample_steps} tokens, {len(text):,} bytes" if vocab.kind == "sentencepiece" else
+                  f"{cfg.sample_steps} characters")
+        stdout.write(f"=== sample {i + 1} of {len(out)}: {length}, seed {cfg.seed} ===\n".encode())
+        stdout.write(text + b"\n")
     stdout.flush()
 
 
 def check_split(cfg: EvalConfig, train_cfg, corpus) -> None:
-    from mingpt_palm import data
+    """Before the checkpoint is read: the model can score windows of --eval-seq-len, and the split holds one."""
+    from mingpt_palm import data, model
+    from mingpt_palm.config import eval_windows
 
+    length, _ = eval_windows(cfg, train_cfg.model, model.max_context(train_cfg.model))
+    if cfg.eval_seq_len is not None:  # every token covers at least one byte: enough bytes are needed
+        require_scoring_window(cfg, len(corpus.split(cfg.split)), "bytes", length, corpus.path)
+        return
     other = "test" if cfg.split == "val" else "val"
     fraction = getattr(train_cfg.data, f"{cfg.split}_fraction")
-    data.require_windows(corpus.split(cfg.split), cfg.split, train_cfg.model.seq_len, corpus.path,
+    data.require_windows(corpus.split(cfg.split), cfg.split, length, corpus.path,
                          f"the split was fixed when the experiment was trained (its {cfg.split} fraction: {fraction}); "
                          f"score --split {other} instead")
 
 
-def score(cfg: EvalConfig, exp, train_cfg, vocab, params, step, corpus) -> None:
-    from mingpt_palm import data, evaluate, parallel
-    from mingpt_palm.model import PaLM
+def require_scoring_window(cfg: EvalConfig, n: int, unit: str, length: int, source) -> None:
+    if n < length + 1:
+        other = "test" if cfg.split == "val" else "val"
+        raise UserError(f"the {cfg.split} split of {source} has {n:,} {unit}, fewer than one scoring window of "
+                        f"{length} + 1 tokens; use a smaller --eval-seq-len, or score --split {other}")
 
-    split, seq_len = corpus.split(cfg.split), train_cfg.model.seq_len
-    raw, weights = data.split_windows(split, seq_len)
-    result = evaluate.score(evaluate.make_eval_step(PaLM(train_cfg.model)), parallel.replicate(params),
-                            vocab.encode(raw), weights, cfg.batch_size)
+
+def score(cfg: EvalConfig, exp, train_cfg, vocab, params, step, corpus) -> None:
+    """Score the whole split with windows of L tokens advancing by S; print and write the report."""
+    from mingpt_palm import data, evaluate, model, parallel
+    from mingpt_palm.config import eval_windows
+    from mingpt_palm.state import build
+
+    m, split = train_cfg.model, corpus.split(cfg.split)
+    length, stride = eval_windows(cfg, m, model.max_context(m))
+    ids = vocab.encode(split)
+    require_scoring_window(cfg, len(ids), "tokens", length, corpus.path)
+    tokens, weights = data.scoring_windows(ids, length, stride)
+    # Past seq_len every query attends over its whole window, not the training length's sliding one.
+    p_eval = evaluate.make_eval_step(build(train_cfg)[0], context=length if length > m.seq_len else None)
+    result = evaluate.score(p_eval, parallel.replicate(params), tokens, weights, cfg.batch_size, vocab.byte_lengths)
     report = {
-        "split": cfg.split, "checkpoint_step": step, "loss_nats": result["loss"], "bpc": result["bpc"],
-        "bytes_scored": result["tokens"], "split_bytes": int(len(split)),
-        "unknown_bytes": vocab.unknown_count(split[1:]), "seq_len": seq_len, "dataset": str(corpus.path),
+        "split": cfg.split, "checkpoint_step": step, "eval_seq_len": length, "stride": stride,
+        "loss_nats": result["loss"], "bits_per_token": result["bits_per_token"],
+        "bits_per_byte": result["bits_per_byte"], "bpc": result["bpc"],
+        "tokens_scored": result["tokens"], "bytes_scored": result["bytes"], "split_tokens": int(len(ids)),
+        "split_bytes": int(len(split)), "unknown_bytes": vocab.unknown_count(split[1:]), "seq_len": m.seq_len,
+        "dataset": str(corpus.path),
     }
     out_path = exp.write_report(f"{cfg.split}.json" if cfg.checkpoint_step is None else f"{cfg.split}_step{step}.json",
                                 report)
-    print(f"=== {cfg.split}: loss {result['loss']:.4f} nats, {result['bpc']:.4f} bits per character over "
-          f"{result['tokens']:,} bytes (checkpoint step {step}) -> {out_path}")
+    print(f"=== {cfg.split}: {result['bits_per_byte']:.4f} bits per byte, {result['bits_per_token']:.4f} bits per "
+          f"token (loss {result['loss']:.4f} nats per token) over {result['bytes']:,} bytes in {result['tokens']:,} "
+          f"tokens; windows of {length} tokens advancing by {stride} (checkpoint step {step}) -> {out_path}")
     if report["unknown_bytes"]:
         print(f"    {report['unknown_bytes']:,} scored bytes are outside the char vocabulary "
               "(scored as the unknown id)")

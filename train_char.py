@@ -3,29 +3,51 @@
     python train_char.py --dataset-path enwik8
     python train_char.py --dataset-path ../shared/data/tinyshakespeare.txt --model.depth 4 --max-steps 2000
     python train_char.py --experiment-name X --restore-checkpoint     # continue X with its saved settings
+    python train_char.py --init-from experiments/X --dataset-path other.txt --max-steps 500   # fine-tune X
+    python train_char.py --preset palm-540b --print-params            # sizes from shapes alone, a dry run
 """
 
 import sys
 
 import tyro
 
-from mingpt_palm.config import TrainConfig
+from mingpt_palm.config import ModelConfig, TrainConfig, UserError
+from mingpt_palm.presets import PRESETS
 
 
 def parse(argv: list[str]) -> TrainConfig:
-    """The command line; when continuing an experiment, over the settings saved with it.
+    """The command line, over the defaults its choice of starting point makes.
 
-    The saved config.json becomes the defaults, so `--experiment-name X --restore-checkpoint` alone
-    continues X, and any flag given now is a deliberate change (train() refuses the ones that would
-    change what the run computes).
+    Continuing an experiment: the saved config.json becomes the defaults, so `--experiment-name X
+    --restore-checkpoint` alone continues X, and any flag given now is a deliberate change (train()
+    refuses the ones that would change what the run computes). --init-from X: X's model, vocabulary and
+    corpus are the defaults (train() refuses flags that change the model or the vocabulary). --preset:
+    the preset's model fields are the defaults. In every case a flag given on the command line wins.
     """
     cfg = tyro.cli(TrainConfig, args=argv)  # --help answers here, before anything slow is imported
-    if (cfg.restore_checkpoint or cfg.restore_step is not None) and cfg.experiment_name is not None:
+    resuming = cfg.restore_checkpoint or cfg.restore_step is not None
+    if resuming and cfg.init_from is not None:
+        raise UserError("--init-from starts a new experiment from another's parameters and --restore-checkpoint "
+                        "continues an existing one: give one of them (a fine-tuned experiment continues with "
+                        "--experiment-name NAME --restore-checkpoint alone)")
+    if cfg.preset is not None and cfg.init_from is not None:
+        raise UserError("--preset and --init-from both choose the model (--init-from takes the model of the "
+                        "experiment it starts from): give one of them")
+    if cfg.preset is not None and resuming:
+        raise UserError("--preset chooses the model of a new experiment; a continued one keeps the model saved in "
+                        "its config.json: leave out --preset")
+    if resuming and cfg.experiment_name is not None:
         from mingpt_palm.experiment import Experiment
 
         exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
         exp.check_existing()
         cfg = tyro.cli(TrainConfig, default=exp.read_config(), args=argv)
+    elif cfg.init_from is not None:
+        from mingpt_palm.setup import finetune_defaults, init_source
+
+        cfg = tyro.cli(TrainConfig, default=finetune_defaults(init_source(cfg).read_config()), args=argv)
+    elif cfg.preset is not None:
+        cfg = tyro.cli(TrainConfig, default=TrainConfig(model=ModelConfig(**PRESETS[cfg.preset].model)), args=argv)
     return cfg
 
 
@@ -34,6 +56,10 @@ def main() -> int:
 
     def parse_and_train(argv):
         cfg = parse(argv)
+        if cfg.print_params:
+            from mingpt_palm.flops import print_params
+
+            return print_params(cfg)
         from mingpt_palm.train import train
 
         return train(cfg)

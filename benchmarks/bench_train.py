@@ -10,10 +10,9 @@ Figures (printed, and written as JSON with --json):
 - step time: the median over --windows timed windows of --steps steps each, after --warmup steps;
   the spread (min, max) of the windows beside it.
 - model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, where N counts
-  the parameters of every matmul a token goes through: the blocks' dense kernels plus vocab x dim
-  for the tied head (the input lookup is no matmul); L depth, H heads, Q dim_head, T seq_len,
-  attention counted over the full T x T square as in the paper. Rematerialisation is not counted
-  (model FLOPs, not hardware FLOPs). XLA's cost analysis of the compiled step is printed beside it.
+  the parameters of every matmul a token goes through (mingpt_palm/flops.py, which --print-params
+  uses too). Rematerialisation is not counted (model FLOPs, not hardware FLOPs). XLA's cost analysis
+  of the compiled step is printed beside it.
 - MFU against two peaks: one measured in this run, before the timing, with an n^3 matmul in the
   run's compute dtype (the peak moves from machine to machine and minute to minute on shared CPUs:
   DESIGN.md); and the datasheet's dense peak for known GPUs (the device kind is printed). Simulated
@@ -74,6 +73,10 @@ def parse_args(argv=None):
     for name in ("dim", "depth", "heads", "dim-head", "seq-len", "batch", "ff-mult"):
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
     p.add_argument("--vocab", choices=("byte", "char"), default=None, help="overrides the preset")
+    p.add_argument("--variant", choices=("palm", "palm-lite", "lamda", "gpt"), default="palm",
+                   help="model family (the preset gives only the shape)")
+    p.add_argument("--position", choices=("auto", "rotary", "alibi", "t5", "learned", "sinusoidal"), default="auto")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     p.add_argument("--remat", choices=("none", "block", "dots"), default="none")
@@ -120,18 +123,6 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_flops(params) -> tuple[int, int, int]:
-    """(dense kernel, embedding, other) parameter counts, by leaf name: `kernel` is a dense projection,
-    `embedding` the tied table (its head matmul is real work), anything else (norm scales) no matmul."""
-    import jax
-
-    sizes = {"kernel": 0, "embedding": 0, "other": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = path[-1].key
-        sizes[name if name in sizes else "other"] += leaf.size
-    return sizes["kernel"], sizes["embedding"], sizes["other"]
-
-
 def run(args) -> dict:
     import jax
 
@@ -142,6 +133,7 @@ def run(args) -> dict:
 
     from mingpt_palm import data, parallel
     from mingpt_palm.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+    from mingpt_palm.flops import attention_flops, flops_per_token, matmul_params
     from mingpt_palm.model import attention_implementation, compute_dtype, cross_entropy, param_count
     from mingpt_palm.state import build, init_state
     from mingpt_palm.step import STATUS, Control, train_step
@@ -152,7 +144,8 @@ def run(args) -> dict:
         split, source = np.random.default_rng(args.seed).integers(0, 256, 1 << 20, dtype=np.uint8), "random bytes"
     vocab = data.Vocab.build(args.vocab, split)
     steps_total = args.warmup + args.windows * args.steps
-    model_cfg = ModelConfig(seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
+    model_cfg = ModelConfig(variant=args.variant, position=args.position, dropout=args.dropout,
+                            seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
                             dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, attention=args.attention,
                             remat=args.remat, num_tokens=vocab.size)
     # No warmup in the schedule: every update runs at the peak rate, as most of a real run does.
@@ -162,7 +155,8 @@ def run(args) -> dict:
     attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
     model, tx, schedule, _, _ = build(cfg)
     state = jax.jit(partial(init_state, model, tx, cfg))()
-    dense, embed, norms = matmul_flops(state.params)
+    dense, embed, norms = matmul_params(state.params)
+    flops_tok = flops_per_token(state.params, model_cfg)
     n_params = param_count(state.params)
     rstate, control = parallel.replicate(state), parallel.replicate(Control.start())
     del state
@@ -240,7 +234,6 @@ def run(args) -> dict:
 
     step_s = statistics.median(windows)
     tokens_per_step = cfg.batch_size * args.seq_len
-    flops_tok = 6 * (dense + embed) + 12 * args.depth * args.heads * args.dim_head * args.seq_len
     achieved = tokens_per_step / step_s * flops_tok / 1e12
     per = next((v for (kind, dt), v in GPU_PEAK_TFLOPS.items() if kind in dev.device_kind and dt == dtype), None)
     stats = [d.memory_stats() for d in jax.local_devices()]
@@ -249,7 +242,7 @@ def run(args) -> dict:
     else:
         peak_mem, mem_kind = proc_status("VmHWM").get("VmHWM"), "host VmHWM (whole process)"
     return {
-        "preset": args.preset, "device_kind": dev.device_kind, "platform": dev.platform, "devices": n_dev,
+        "preset": args.preset, "variant": args.variant, "device_kind": dev.device_kind, "platform": dev.platform, "devices": n_dev,
         "jax": jax.__version__, "source": source, "params": n_params, "matmul_params": dense + embed,
         "norm_params": norms, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": vocab.size,
@@ -257,6 +250,7 @@ def run(args) -> dict:
         "in_flight": depth_in_flight, "tokens_per_step": tokens_per_step,
         "step_ms_median": 1e3 * step_s, "step_ms_windows": [1e3 * w for w in windows],
         "tokens_per_s": tokens_per_step / step_s, "flops_per_token": flops_tok,
+        "attention_flops_per_token": attention_flops(model_cfg),
         "xla_flops_per_token": xla_flops / tokens_per_step if xla_flops else None,
         "achieved_tflops": achieved, "peak_measured_tflops": peak_measured, "peak_matmul_n": cal_n,
         "mfu_measured": achieved / peak_measured,
@@ -272,11 +266,11 @@ def show(r: dict) -> None:
     print(f"devices: {r['devices']} x {r['platform']} ({r['device_kind']}); jax {r['jax']}; batch {r['batch']} "
           f"({r['grad_accum']} micro-batch(es)), {r['tokens_per_step']:,} tokens/step; {r['in_flight']} step(s) in "
           f"flight; batches from {r['source']}")
-    print(f"model: {r['params']:,} parameters (dim {r['dim']}, depth {r['depth']}, heads {r['heads']}x{r['dim_head']}, "
+    print(f"model: {r['variant']}, {r['params']:,} parameters (dim {r['dim']}, depth {r['depth']}, heads {r['heads']}x{r['dim_head']}, "
           f"seq_len {r['seq_len']}, vocab {r['vocab']}); compute {r['dtype']}, attention {r['attention']}, "
           f"remat {r['remat']}")
-    attn = 12 * r["depth"] * r["heads"] * r["dim_head"] * r["seq_len"]
-    print(f"  FLOPs/token = 6N + 12*L*H*Q*T = 6*{r['matmul_params']:,} + {attn:,} = {r['flops_per_token']:,} "
+    print(f"  FLOPs/token = 6N + 12*L*H*Q*T = 6*{r['matmul_params']:,} + {r['attention_flops_per_token']:,} = "
+          f"{r['flops_per_token']:,} "
           f"({r['flops_per_token'] / 1e6:.1f} MFLOP)")
     if r["xla_flops_per_token"]:
         print(f"  XLA cost analysis of the whole step: {r['xla_flops_per_token'] / 1e6:.1f} MFLOP/token "

@@ -2,7 +2,9 @@
 
 1. bench_train.py --preset gpt2-small in bfloat16: each attention implementation (xla, cudnn), with
    and without remat, at growing batch sizes until one does not fit (the last that fits is kept).
-2. train_char.py end to end for --train-steps steps on a generated corpus (random printable bytes,
+2. The other variants (palm-lite, lamda, gpt) at the best batch and remat of step 1, attention auto,
+   and palm-lite and lamda (score-bias schemes) again with cuDNN, whose bias path only a GPU can run.
+3. train_char.py end to end for --train-steps steps on a generated corpus (random printable bytes,
    the gpt2-small shape, the best batch and attention of step 1), its logged tokens/s (which leaves
    out compilation, evaluation and checkpoints) beside the benchmark's figure for the same settings.
 
@@ -59,6 +61,18 @@ def sweep(out: Path, tiny: bool, batches: list[int]) -> list[dict]:
     return results
 
 
+def variants(out: Path, best: dict, tiny: bool) -> list[dict]:
+    base = ["--preset", "gpt2-small", "--dtype", "bfloat16"] + (TINY + ["--dtype", "float32"] if tiny else [])
+    base += ["--batch", str(best["batch"]), "--remat", best["remat"]]
+    results = []
+    for variant, attentions in (("palm-lite", ("auto", "cudnn")), ("lamda", ("auto", "cudnn")), ("gpt", ("auto",))):
+        for attention in attentions if not tiny else ("auto",):
+            r = bench(out, f"{variant}_{attention}", [*base, "--variant", variant, "--attention", attention])
+            if r is not None:
+                results.append(r | {"variant": variant})
+    return results
+
+
 def end_to_end(out: Path, best: dict, steps: int, tiny: bool) -> dict:
     """train_char.py on a generated corpus with the benchmark's best settings; its logged tokens/s."""
     corpus = out / "corpus.txt"
@@ -100,11 +114,13 @@ def main() -> None:
     best = max(results, key=lambda r: r["tokens_per_s"])
     print(f"best: attention {best['attention']}, remat {best['remat']}, batch {best['batch']}: "
           f"{best['tokens_per_s']:,.0f} tokens/s", flush=True)
+    print("the other variants at that batch and remat:", flush=True)
+    family = variants(out, best, args.tiny)
     e2e = end_to_end(out, best, args.train_steps if not args.tiny else 6, args.tiny)
     print(f"train_char.py, {e2e['steps']} steps with those settings: {e2e['logged_tokens_per_s_median']:,.0f} "
           f"tokens/s logged (median of its log windows after the first) = {100 * e2e['ratio']:.1f}% of the "
           "benchmark's", flush=True)
-    (out / "summary.json").write_text(json.dumps({"runs": results, "best": best, "end_to_end": e2e}, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"runs": results, "best": best, "variants": family, "end_to_end": e2e}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

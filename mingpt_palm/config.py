@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import tyro
 
+from mingpt_palm import presets
+
 
 class UserError(Exception):
     """Bad input from the user: the scripts print the message as one line and exit with code 2."""
@@ -22,22 +24,41 @@ class TrainingStopped(Exception):
     """The run cannot continue (non-finite steps, a full disk): one line, exit code 1."""
 
 
+VARIANT_POSITION = {"palm": "rotary", "palm-lite": "alibi", "lamda": "t5", "gpt": "learned"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The PaLM architecture. Saved with the experiment; a restored run must match it exactly."""
+    """The architecture. Saved with the experiment; a restored run must match it exactly."""
 
+    variant: Literal["palm", "palm-lite", "lamda", "gpt"] = "palm"
+    """Which family's parts to assemble. palm: parallel block (attention and feed-forward side by side
+    from one LayerNorm), multi-query attention, SwiGLU, rotary, no biases. palm-lite: palm with RMSNorm,
+    one single-head projection used as both keys and values, ALiBi. lamda: sequential pre-norm block,
+    multi-query attention, T5 relative position bias, GeGLU. gpt: sequential pre-LayerNorm block with
+    biases, multi-head attention, GELU MLP, learned absolute positions, dropout."""
+    position: Literal["auto", "rotary", "alibi", "t5", "learned", "sinusoidal"] = "auto"
+    """Position scheme. auto: the variant's own (palm rotary, palm-lite alibi, lamda t5, gpt learned).
+    alibi and t5 add a bias to attention scores and can score windows longer than seq_len; rotary
+    runs there but was never trained for it; learned absolute positions stop at seq_len."""
+    dropout: float = 0.0
+    """Dropout rate on the embeddings, the attention weights and each residual branch, in training only
+    (evaluation and sampling never drop). The masks depend on (seed, step, example) alone, so a resumed
+    run and any device count draw the same ones. nanoGPT/GPT-2 use 0.1 (0 for long pre-training)."""
     seq_len: Annotated[int, tyro.conf.arg(aliases=("--block-size",))] = 512
     """Context length in tokens: training windows, evaluation windows and the sampling window."""
     dim: int = 512
     """Width of the residual stream."""
     depth: int = 12
-    """Number of parallel attention + feed-forward blocks."""
+    """Number of blocks (attention + feed-forward)."""
     heads: int = 8
-    """Query heads; keys and values have a single head (multi-query attention)."""
+    """Query heads. palm, palm-lite and lamda have a single key/value head (multi-query attention);
+    gpt has one per query head."""
     dim_head: int = 64
     """Width of each attention head."""
     ff_mult: int = 4
-    """Feed-forward hidden width as a multiple of dim (each SwiGLU half has ff_mult * dim units)."""
+    """Feed-forward hidden width as a multiple of dim (each half of SwiGLU/GeGLU, or the GELU MLP, has
+    ff_mult * dim units)."""
     z_loss: float = 1e-4
     """Weight of the auxiliary z-loss, z_loss * logsumexp(logits)^2, which keeps logits from drifting."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -83,9 +104,20 @@ class OptimizerConfig:
 class DataConfig:
     """How the corpus is split, encoded and sampled."""
 
-    vocab: Literal["byte", "char"] = "byte"
+    tokenizer: Annotated[Literal["byte", "char", "sentencepiece"], tyro.conf.arg(aliases=("--data.vocab",))] = "byte"
     """byte: the 256 byte values (what bits per character on enwik8 means). char: the distinct byte
-    values of the training split, plus one unknown id for bytes seen only in val/test."""
+    values of the training split, plus one unknown id for bytes seen only in val/test. sentencepiece:
+    --data.vocab-size sub-word pieces learned from the training split (BPE or unigram), stored in the
+    experiment as tokenizer.model; any bytes encode and decode exactly. --data.vocab is the old name."""
+    vocab_size: int = 8192
+    """sentencepiece: the number of pieces, the 256 byte pieces (for text no piece covers) and the
+    unknown id included. Ignored by byte and char."""
+    sp_model_type: Literal["bpe", "unigram"] = "bpe"
+    """sentencepiece: bpe merges the most frequent pair of pieces until the vocabulary is full (seconds
+    on 5 MB of text); unigram prunes a large set of candidates by their likelihood (minutes)."""
+    sp_train_bytes: int = 20_000_000
+    """sentencepiece: learn the pieces from whole lines of the training split drawn at random (by --seed)
+    until this many bytes, or from all of it when it is smaller."""
     val_fraction: float = 0.05
     """Fraction of the file used for validation (ignored for corpora with a standard split)."""
     test_fraction: float = 0.05
@@ -110,6 +142,17 @@ class TrainConfig:
     restore_step: Optional[int] = None
     """Continue from this checkpoint step instead of the newest (implies --restore-checkpoint); newer
     checkpoints are moved to superseded_checkpoints/ in the experiment, never deleted."""
+    init_from: Optional[str] = None
+    """Fine-tune: start a new experiment from the parameters of another's newest checkpoint (a path such as
+    experiments/X, or a name under --experiments-dir), at step 0 with a fresh optimizer and schedule. It
+    keeps X's model and vocabulary (of the model, only dropout, z-loss, dtype, attention and remat may
+    differ) and trains on --dataset-path, by default X's corpus."""
+    preset: Optional[Literal[presets.NAMES]] = None
+    """A named size from the papers (mingpt_palm/presets.py) as the model's defaults; --model.X flags given
+    beside it still win. A run sets the vocabulary size from its corpus all the same."""
+    print_params: bool = False
+    """Dry run: print the model's parameter count, the bytes its parameters and Adam state need and its
+    training FLOPs per token, from shapes alone (nothing is allocated, no corpus read, nothing written)."""
     batch_size: int = 32
     """Global batch in sequences per optimizer step, split evenly over all devices of all processes."""
     grad_accum_steps: int = 1
@@ -149,7 +192,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Sample text from a trained experiment and score bits per character on a whole split."""
+    """Sample text from a trained experiment and score bits per byte on a whole split."""
 
     experiment_name: str
     """The experiment directory under experiments_dir to load."""
@@ -158,9 +201,17 @@ class EvalConfig:
     checkpoint_step: Optional[int] = None
     """Load the checkpoint of this step instead of the latest."""
     split: Literal["val", "test", "none"] = "val"
-    """Score this whole split (every byte after the first predicted once), or none."""
+    """Score this whole split (every token after the first scored once), or none."""
     batch_size: int = 32
     """Windows per evaluation batch, split over all devices."""
+    eval_seq_len: Optional[int] = None
+    """Tokens per scoring window, L; default the model's seq_len. Windows longer than seq_len need a
+    position scheme that extends (alibi, t5; rotary runs there but was never trained for it); learned
+    positions stop at seq_len."""
+    stride: Optional[int] = None
+    """Tokens each scoring window advances, S (1 <= S <= L); default L: non-overlapping windows, each
+    starting without context. Each window after the first scores only its last S targets, so every token
+    is scored once, with at least L - S tokens of context, at about L / S times the compute."""
     prompt: Optional[str] = None
     """Text to continue; default a line from the validation split."""
     prompt_file: Optional[str] = None
@@ -182,15 +233,33 @@ class EvalConfig:
 # The settings that define what a run computes. A resumed run must keep them (each change is refused,
 # naming the field), and a saved config.json must hold them. Everything else (step counts,
 # intervals, logging, where files live) may change from one resume to the next.
-RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.vocab", "data.val_fraction",
-                "data.test_fraction")
+RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.tokenizer", "data.vocab_size",
+                "data.sp_model_type", "data.sp_train_bytes", "data.val_fraction", "data.test_fraction")
+# Fields saved under an older name: a config.json written before the rename still loads.
+RENAMED = {"data.tokenizer": "vocab"}
+# Run-defining fields that a config.json written before they existed lacks: it takes their defaults,
+# which are what such a run computed (sentencepiece settings, unused by the byte and char runs before;
+# the variant, position scheme and dropout of the palm model, the only one there was).
+ADDED_LATER = ("data.vocab_size", "data.sp_model_type", "data.sp_train_bytes", "model.variant", "model.position",
+               "model.dropout")
 # Inside `model`, how the same numbers are computed rather than which: a resume may change them (on
 # another machine, say), as it may change grad_accum_steps (not run-defining to begin with). The dtype
 # is not among them: bfloat16 computes other numbers than float32.
 HOW_NOT_WHAT = ("model.attention", "model.remat")
+# What a run started with --init-from may set differently from the experiment it takes its parameters
+# from: how it trains on them, not what they mean. The rest of the model and of the vocabulary (every
+# data field but where the corpus is and how it is split) must be the source's.
+FINETUNE_MAY_CHANGE = HOW_NOT_WHAT + ("model.dropout", "model.z_loss", "model.dtype", "model.num_tokens",
+                                      "data.val_fraction", "data.test_fraction", "data.datasets_dir")
 
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
 STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32
+
+
+def finetune_keeps(path: str) -> bool:
+    """True for the fields a fine-tuning run must take unchanged from its source (num_tokens among the
+    exceptions only because the vocabulary itself is taken from the source, and sets it)."""
+    return path.startswith(("model.", "data.")) and path not in FINETUNE_MAY_CHANGE
 
 
 def is_run_defining(path: str) -> bool:
@@ -252,15 +321,17 @@ def from_dict(cls, d: dict, required=lambda path: False, prefix: str = ""):
         raise ValueError(f"{prefix.rstrip('.') or 'the file'} is {type(d).__name__}, expected an object")
     hints = typing.get_type_hints(cls, include_extras=True)
     kwargs, problems = {}, []
+    needed = lambda p: required(p) and p not in ADDED_LATER  # noqa: E731
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         hint = _base_type(hints[f.name])
-        if f.name not in d:
-            if required(path) or (dataclasses.is_dataclass(hint) and any(
-                    required(f"{path}.{g.name}") for g in dataclasses.fields(hint))):
+        key = f.name if f.name in d else RENAMED.get(path, f.name)
+        if key not in d:
+            if needed(path) or (dataclasses.is_dataclass(hint) and any(
+                    needed(f"{path}.{g.name}") for g in dataclasses.fields(hint))):
                 problems.append(f"lacks {path}")
             continue
-        value = d[f.name]
+        value = d[key]
         if dataclasses.is_dataclass(hint):
             try:
                 kwargs[f.name] = from_dict(hint, value, required, path + ".")
@@ -292,10 +363,18 @@ def require_finite(cfg) -> None:
             _require(math.isfinite(value), f"{_flag(path)} {value} must be a finite number")
 
 
+def position_scheme(m: ModelConfig) -> str:
+    return VARIANT_POSITION[m.variant] if m.position == "auto" else m.position
+
+
 def validate_model(m: ModelConfig) -> None:
     for name in ("seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
         _require(getattr(m, name) >= 1, f"--model.{name.replace('_', '-')} {getattr(m, name)} must be >= 1")
-    _require(m.dim_head % 2 == 0, f"--model.dim-head {m.dim_head} must be even (rotary embeddings rotate pairs)")
+    if position_scheme(m) == "rotary":
+        _require(m.dim_head % 2 == 0, f"--model.dim-head {m.dim_head} must be even (rotary embeddings rotate pairs)")
+    if position_scheme(m) == "sinusoidal":
+        _require(m.dim % 2 == 0, f"--model.dim {m.dim} must be even (sinusoidal positions pair sines and cosines)")
+    _require(0 <= m.dropout < 1, f"--model.dropout {m.dropout} must be in [0, 1)")
     _require(m.z_loss >= 0, f"--model.z-loss {m.z_loss} must be >= 0")
 
 
@@ -318,11 +397,17 @@ def validate_train(cfg: TrainConfig) -> None:
     _require(d.val_fraction + d.test_fraction < 1,
              f"--data.val-fraction {d.val_fraction} + --data.test-fraction {d.test_fraction} leave no training "
              "data; lower them so that they add up to less than 1")
+    if d.tokenizer == "sentencepiece":
+        _require(d.vocab_size > 257, f"--data.vocab-size {d.vocab_size} must be more than 257 (the 256 byte pieces "
+                                     "and the unknown id are among the pieces)")
+        _require(d.sp_train_bytes >= 1, f"--data.sp-train-bytes {d.sp_train_bytes} must be >= 1")
     _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
     _require(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1")
     _require(1 <= cfg.max_steps <= STEP_LIMIT, f"--max-steps {cfg.max_steps} must be in [1, 2**31 - 1]")
     _require(cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs {cfg.max_epochs} must be > 0")
     _require(cfg.restore_step is None or cfg.restore_step >= 1, f"--restore-step {cfg.restore_step} must be >= 1")
+    _require(cfg.init_from is None or cfg.init_from.strip() != "", "--init-from needs the path of an experiment, "
+             "e.g. experiments/X")
     for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
                  "distributed_timeout", "grad_accum_steps"):
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
@@ -339,3 +424,20 @@ def validate_eval(cfg: EvalConfig) -> None:
              f"--checkpoint-step {cfg.checkpoint_step} must be >= 1")
     _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
     _require(cfg.prompt is None or cfg.prompt_file is None, "give either --prompt or --prompt-file, not both")
+    for flag, value in (("--eval-seq-len", cfg.eval_seq_len), ("--stride", cfg.stride)):
+        _require(value is None or value >= 1, f"{flag} {value} must be >= 1")
+
+
+def eval_windows(cfg: EvalConfig, m: ModelConfig, max_context: Optional[int]) -> tuple[int, int]:
+    """(L, S): the scoring window and stride for a model whose position scheme scores at most
+    `max_context` tokens per window (None: no limit); a UserError for what cannot be scored."""
+    length = m.seq_len if cfg.eval_seq_len is None else cfg.eval_seq_len
+    stride = length if cfg.stride is None else cfg.stride
+    named = f"--eval-seq-len {length}" if cfg.eval_seq_len is not None else f"the window (the model's seq_len, {length})"
+    _require(stride <= length, f"--stride {stride} is longer than {named}: windows that advance by more than "
+                               f"their length would skip tokens; use --stride {length} or less")
+    _require(max_context is None or length <= max_context,
+             f"--eval-seq-len {length}: scoring windows longer than seq_len needs a position scheme that extends "
+             f"(alibi, t5, rotary); this model uses {position_scheme(m)} positions up to {max_context}: use "
+             f"--eval-seq-len {max_context} or less")
+    return length, stride

@@ -51,6 +51,12 @@ class Vocab:
         """int32 [256]: the token id of every byte value (training encodes on the device with it)."""
         return self._encode
 
+    @property
+    def byte_lengths(self) -> np.ndarray:
+        """int32 [size]: how many corpus bytes each token id stands for; bits per byte divide the summed
+        token losses by the bytes their targets cover (one each for byte and char ids)."""
+        return np.ones(self.size, np.int32)
+
     def encode(self, raw: np.ndarray) -> np.ndarray:
         return self._encode[raw]
 
@@ -173,20 +179,67 @@ def get_batch(
     return split[mine[:, None] + np.arange(seq_len + 1)]
 
 
-def split_windows(split: np.ndarray, seq_len: int):
-    """Non-overlapping windows covering a whole split, for exact scoring.
+def window_spans(n: int, seq_len: int, stride: int | None = None):
+    """Where scoring windows over n ids start, and which of their target positions each scores.
 
-    Window w has inputs split[w*L : w*L+L] and targets one byte later, so every byte except the
-    first is predicted exactly once; each window starts without context from the previous one.
-    The last window is padded; `weights` is 0 on padding. Returns (tokens [W, L+1], weights [W, L]).
+    Window w holds inputs ids[w*S : w*S+L] and, one id later, the targets of ids w*S+1 .. w*S+L.
+    The first window scores all L targets; every later one only its last S, whose L - S earlier
+    targets were scored before and serve as context. So every target id 1..n-1 is scored exactly
+    once, each after the first L with at least L - S ids of context; S = L gives non-overlapping
+    windows, each starting without context. The last window may reach past the end (padding).
+    Returns (starts, first, stop), int64 [W]: window w scores positions first[w] <= j < stop[w].
     """
-    n_targets = len(split) - 1
-    windows = -(-n_targets // seq_len)
-    padded = np.zeros(windows * seq_len + 1, dtype=np.uint8)
-    padded[: len(split)] = split
-    tokens = np.lib.stride_tricks.sliding_window_view(padded, seq_len + 1)[::seq_len]
-    weights = (np.arange(windows * seq_len) < n_targets).reshape(windows, seq_len).astype(np.float32)
-    return tokens, weights
+    stride = seq_len if stride is None else stride
+    targets = n - 1
+    if targets < 1:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    windows = 1 + max(0, -(-(targets - seq_len) // stride))
+    starts = np.arange(windows, dtype=np.int64) * stride
+    first = np.where(starts == 0, 0, seq_len - stride)
+    stop = np.minimum(seq_len, targets - starts)
+    return starts, first, stop
+
+
+class SpanWeights:
+    """The 0/1 weights [W, L] of scoring windows, made a slice of rows at a time (row w is 1 on
+    positions first[w] <= j < stop[w]): dense float32 weights would cost as much as copying every
+    window, 5 GB for enwik8's test split at L = 1024, S = 1."""
+
+    def __init__(self, first: np.ndarray, stop: np.ndarray, seq_len: int):
+        self.first, self.stop, self.shape = first, stop, (len(first), seq_len)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        j = np.arange(self.shape[1])
+        return ((j >= self.first[rows, None]) & (j < self.stop[rows, None])).astype(np.float32)
+
+
+def scoring_windows(ids: np.ndarray, seq_len: int, stride: int | None = None):
+    """(tokens [W, L+1], SpanWeights [W, L]) over a whole split of token ids, laid out by `window_spans`.
+
+    tokens is a strided view of one zero-padded copy of ids, not W copied windows; the padding is
+    never scored, and being later than every scored target it cannot change their (causal) losses.
+    """
+    stride = seq_len if stride is None else stride
+    starts, first, stop = window_spans(len(ids), seq_len, stride)
+    # The last window ends at or past the last id, so the padded copy holds all of them.
+    padded = np.zeros((starts[-1] if len(starts) else 0) + seq_len + 1, np.asarray(ids).dtype)
+    padded[: len(ids)] = ids
+    tokens = np.lib.stride_tricks.sliding_window_view(padded, seq_len + 1)[::stride]
+    return tokens[: len(starts)], SpanWeights(first, stop, seq_len)
+
+
+def split_windows(split: np.ndarray, seq_len: int, stride: int | None = None):
+    """`scoring_windows` with dense weights, for small splits: (tokens [W, L+1], weights float32 [W, L]).
+
+    With stride None (= seq_len) these are the non-overlapping windows: window w has inputs
+    split[w*L : w*L+L] and targets one later, every id but the first predicted exactly once.
+    """
+    tokens, weights = scoring_windows(split, seq_len, stride)
+    return tokens, weights[:]
 
 
 def default_prompt(val: np.ndarray, seed: int, max_len: int = 200) -> bytes:

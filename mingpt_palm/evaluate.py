@@ -8,42 +8,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from mingpt_palm import parallel
-from mingpt_palm.model import PaLM, token_nll
+from mingpt_palm.model import token_nll
 
 
-def make_eval_step(model: PaLM):
+def make_eval_step(model, context: int | None = None):
     """pmapped (params, tokens [D, B, L+1], weights [D, B, L]) -> per-window summed NLL [D, B].
 
+    `context`: passed to the model for windows longer than its seq_len, so that every query attends
+    over its whole window rather than the training length's sliding window; None keeps the model's
+    default (the same call as training's, for windows of at most seq_len).
     Per-window sums (not a psum) come back to the host, which adds them in window order in
     float64: the total then does not depend on how windows were spread over devices.
     """
+    extra = {} if context is None else {"context": context}
 
     def eval_step(params, tokens, weights):
-        logits, _ = model.apply({"params": params}, tokens[..., :-1])
+        logits, _ = model.apply({"params": params}, tokens[..., :-1], **extra)
         nll, _ = token_nll(logits, tokens[..., 1:])  # the training loss's own code, not a copy
         return jnp.sum(nll * weights, axis=-1)
 
     return parallel.pmap(eval_step)
 
 
-def score(p_eval, rparams, tokens: np.ndarray, weights: np.ndarray, batch_size: int) -> dict:
-    """Score windows tokens [W, L+1] (int ids) with weights [W, L]; batches of batch_size windows.
+def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_lengths: np.ndarray | None = None) -> dict:
+    """Score windows tokens [W, L+1] (int ids) with 0/1 weights [W, L]; batches of batch_size windows.
 
-    Returns loss (nats per scored token), bpc and the number of tokens scored, over the windows
-    of all processes (each process passes its own).
+    `weights` is an array or anything whose row slices are arrays (data.SpanWeights); only one batch
+    of windows is materialised at a time, so tokens may be a strided view of a long split.
+    `byte_lengths` [vocab]: the corpus bytes each token id stands for (None: one each).
+    Returns loss (nats per scored token), bits_per_token, bits_per_byte (summed loss over the bytes
+    the scored targets cover; also as `bpc`), tokens and bytes scored, over the windows of all
+    processes (each process passes its own).
     """
     n = len(tokens)
-    padded = -(-n // batch_size) * batch_size
-    if padded != n:  # pad with zero-weight windows so every batch has one shape (one compilation)
-        tokens = np.concatenate([tokens, np.zeros((padded - n, tokens.shape[1]), tokens.dtype)])
-        weights = np.concatenate([weights, np.zeros((padded - n, weights.shape[1]), weights.dtype)])
-    sums = []
-    for start in range(0, padded, batch_size):
-        out = p_eval(rparams, parallel.shard(tokens[start : start + batch_size]),
-                     parallel.shard(weights[start : start + batch_size]))
+    sums, count, nbytes = [], 0.0, 0
+    for start in range(0, n, batch_size):
+        t, w = tokens[start : start + batch_size], np.asarray(weights[start : start + batch_size], np.float32)
+        count += float(np.sum(w, dtype=np.float64))
+        nbytes += int(np.sum(byte_lengths[t[:, 1:]][w > 0], dtype=np.int64)) if byte_lengths is not None else 0
+        if len(t) < batch_size:  # pad with zero-weight windows so every batch has one shape (one compilation)
+            t = np.concatenate([t, np.zeros((batch_size - len(t), t.shape[1]), t.dtype)])
+            w = np.concatenate([w, np.zeros((batch_size - len(w), w.shape[1]), w.dtype)])
+        out = p_eval(rparams, parallel.shard(np.ascontiguousarray(t)), parallel.shard(w))
         sums.append(parallel.fetch(out).astype(np.float64).reshape(-1))  # Ctrl-C is noticed between batches too
+    nbytes = nbytes if byte_lengths is not None else count
     # Each process scored its own windows: add the totals of all of them.
-    total, count = parallel.sum_over_processes(np.array([np.sum(np.concatenate(sums)[:n]), np.sum(weights[:n])]))
-    count = int(count)
+    total, count, nbytes = parallel.sum_over_processes(
+        np.array([np.sum(np.concatenate(sums)[:n]) if sums else 0.0, count, nbytes], np.float64))
     loss = total / max(count, 1)
-    return {"loss": loss, "bpc": loss / math.log(2), "tokens": count}
+    bits_per_byte = total / max(nbytes, 1) / math.log(2)  # this order: today's bpc, to the bit, for bytes
+    return {"loss": loss, "bits_per_token": loss / math.log(2), "bits_per_byte": bits_per_byte,
+            "bpc": bits_per_byte, "tokens": int(count), "bytes": int(nbytes)}

@@ -1,5 +1,5 @@
 """One directory per run: experiments/<name>/{config.json, history.jsonl, corpus.json, vocab.json,
-run.lock, checkpoints/, tb/}.
+run.lock, checkpoints/, tb/}, and for a sentencepiece tokenizer tokenizer.model and tokens/.
 
 `eval_char.py` rebuilds everything from this directory alone, and `--restore-checkpoint` continues a
 run from it alone: config.json holds the current settings, history.jsonl one record per start or
@@ -42,6 +42,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from mingpt_palm import config as config_lib
 from mingpt_palm.config import TrainConfig, TrainingStopped, UserError
 from mingpt_palm.data import Vocab
+from mingpt_palm.tokenizers import MODEL_FILE, SentencePieceVocab
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -254,6 +255,8 @@ class Experiment:
         self.history_path = self.path / "history.jsonl"
         self.corpus_path = self.path / "corpus.json"
         self.vocab_path = self.path / "vocab.json"
+        self.tokenizer_path = self.path / MODEL_FILE
+        self.tokens_dir = self.path / "tokens"
         self.lock = RunLock(self.path)
         self.checkpoint_dir = (self.path / "checkpoints").absolute()
         self.tb_dir = self.path / "tb"
@@ -325,10 +328,10 @@ class Experiment:
 
     # --- records: config, history, corpus fingerprint, vocabulary -------------------------------
 
-    def _write(self, path: Path, text: str) -> None:
+    def _write(self, path: Path, text: str | bytes) -> None:
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(text)
+            tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
             tmp.replace(path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -353,8 +356,25 @@ class Experiment:
         except OSError as e:
             raise fs_error(f"cannot write {self.history_path}", e) from None
 
-    def write_vocab(self, vocab: Vocab) -> None:
+    def write_vocab(self, vocab: Vocab | SentencePieceVocab) -> None:
+        if vocab.kind == "sentencepiece":  # first, so that vocab.json never names a model that is not there
+            self._write(self.tokenizer_path, vocab.model)
         self._write(self.vocab_path, json.dumps(vocab.to_json()))
+
+    def write_tokens(self, vocab: SentencePieceVocab, raw: np.ndarray, ids: np.ndarray) -> None:
+        """Keep the token ids of a whole split in tokens/ (content-addressed, see SentencePieceVocab.cache_file),
+        where later resumes and evaluations memory-map them instead of encoding the split again."""
+        vocab.cache_dir = self.tokens_dir
+        path = vocab.cache_file(raw)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            self.tokens_dir.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(ids, np.int32))
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise fs_error(f"cannot write {path}", e) from None
 
     def report_dir(self) -> Path:
         """eval/, where reports go: made before a long scoring run, so that it cannot fail at the end."""
@@ -383,18 +403,43 @@ class Experiment:
             raise UserError(f"{self.corpus_path} is damaged (no size and sha256); delete it to skip the check")
         return d
 
-    def read_vocab(self, num_tokens: int) -> Vocab:
+    def read_vocab(self, num_tokens: int) -> Vocab | SentencePieceVocab:
         d = _read_json(self.vocab_path, "the byte-to-token table of the model", "restore it from a backup")
-        try:
-            if d["kind"] not in ("byte", "char") or not all(0 <= b < 256 for b in d["symbols"]):
-                raise ValueError("kind must be byte or char, symbols bytes 0-255")
-            vocab = Vocab.from_json(d)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise UserError(f"{self.vocab_path} is damaged ({type(e).__name__}: {e}); restore it from a backup") from None
+        if isinstance(d, dict) and d.get("kind") == "sentencepiece":
+            vocab = self._read_sentencepiece(d)
+        else:
+            vocab = self._read_byte_vocab(d)
         if vocab.size != num_tokens:
             raise UserError(f"{self.vocab_path} describes {vocab.size} tokens but the model in config.json has "
                             f"num_tokens {num_tokens}; the two files do not belong together")
         return vocab
+
+    def _read_sentencepiece(self, d: dict) -> SentencePieceVocab:
+        path, what = self.tokenizer_path, "the sentencepiece model that turns text into the model's tokens"
+        try:
+            model = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing: it holds {what}; restore it from a backup (vocab.json there "
+                            "records its sha256)") from None
+        except OSError as e:
+            raise fs_error(f"cannot read {path}", e) from None
+        try:
+            vocab = SentencePieceVocab.from_json(d, model)
+        except KeyError as e:
+            raise UserError(f"{self.vocab_path} is damaged (lacks {e}); restore it from a backup") from None
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: sentencepiece cannot parse it
+            reason = " ".join(str(e).split())[:200]
+            raise UserError(f"{path} is damaged ({reason}); it holds {what}; restore it from a backup") from None
+        vocab.cache_dir = self.tokens_dir
+        return vocab
+
+    def _read_byte_vocab(self, d) -> Vocab:
+        try:
+            if d["kind"] not in ("byte", "char") or not all(0 <= b < 256 for b in d["symbols"]):
+                raise ValueError("kind must be byte, char or sentencepiece, symbols bytes 0-255")
+            return Vocab.from_json(d)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{self.vocab_path} is damaged ({type(e).__name__}: {e}); restore it from a backup") from None
 
     # --- checkpoints ---------------------------------------------------------------------------
 

@@ -1,9 +1,14 @@
-"""The PaLM decoder (Chowdhery et al., 2022) for character-level language modelling.
+"""The decoder of every variant, assembled from the parts in `layers.py`.
 
-One block: a single bias-free LayerNorm feeds, in parallel, multi-query attention and a SwiGLU
-feed-forward; both come out of one fused input projection and are added back to the residual.
-Rotary position embeddings on queries and keys, no biases anywhere, an input embedding tied to
-the output head with logits scaled by 1/sqrt(dim), and a z-loss on the log-partition function.
+palm (Chowdhery et al. 2022, section 2): one bias-free LayerNorm feeds, in parallel, multi-query
+attention and a SwiGLU feed-forward out of one fused input projection; rotary positions; no biases;
+input embedding tied to the output head with logits scaled by 1/sqrt(dim); z-loss.
+palm-lite (lucidrains/PaLM-jax, palm_jax/palm_lite.py): the same block with RMSNorm, one single-head
+projection used as both keys and values, and ALiBi instead of rotary.
+lamda (Thoppilan et al. 2022; conceptofmind/LaMDA-rlhf-pytorch, lamda_pytorch.py): sequential pre-norm
+blocks, multi-query attention, T5 relative position bias, GeGLU.
+gpt (Radford et al. 2019; nanoGPT model.py): sequential pre-LayerNorm blocks with biases, multi-head
+attention, a GELU MLP, learned absolute positions, dropout, GPT-2's init.
 
 The same code path serves training (a whole window at once) and cached generation: attention
 always looks keys up by their absolute position, so a key/value cache is just another source of
@@ -15,24 +20,67 @@ by default); parameters, the residual stream, norms, softmax and logits stay flo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mingpt_palm.config import ModelConfig, UserError
+from mingpt_palm import layers
+from mingpt_palm.config import ModelConfig, UserError, position_scheme
 
 # Fan-in (LeCun) init for every projection: variance 1/fan_in keeps activations O(1) at any width.
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 # PaLM initialises the embedding with unit variance: no norm sits between it and the first block,
 # and the tied head divides logits by sqrt(dim) instead.
 embed_init = nn.initializers.normal(stddev=1.0)
+# GPT-2's: every weight N(0, 0.02), the projections back into the residual stream shrunk by
+# 1/sqrt(2 * depth) (two per block) so that the stream's variance does not grow with depth.
+gpt2_init = nn.initializers.normal(stddev=0.02)
 
 REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What a variant is made of."""
+
+    arrangement: str  # parallel: x + attn(n(x)) + ff(n(x)); sequential: x += attn(n1(x)); x += ff(n2(x))
+    norm: str  # layernorm | layernorm_bias | rmsnorm
+    kv: str  # multi-query (one key and one value head) | shared (one head, keys = values) | multi-head
+    ff: str  # swiglu | geglu | gelu
+    bias: bool  # biases on every dense projection
+    gpt2_init: bool  # GPT-2's init and untempered logits, else fan-in init and logits / sqrt(dim)
+
+
+VARIANTS = {
+    "palm": Parts("parallel", "layernorm", "multi-query", "swiglu", bias=False, gpt2_init=False),
+    "palm-lite": Parts("parallel", "rmsnorm", "shared", "swiglu", bias=False, gpt2_init=False),
+    "lamda": Parts("sequential", "layernorm", "multi-query", "geglu", bias=False, gpt2_init=False),
+    "gpt": Parts("sequential", "layernorm_bias", "multi-head", "gelu", bias=True, gpt2_init=True),
+}
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.heads if VARIANTS[cfg.variant].kv == "multi-head" else 1
+
+
+def max_context(cfg: ModelConfig) -> int | None:
+    """The longest window the position scheme can score: learned absolute positions have a table of
+    seq_len rows; every other scheme computes any position (whether it was trained for it is another
+    matter: ALiBi and T5 extrapolate, rotary and sinusoidal degrade)."""
+    return cfg.seq_len if position_scheme(cfg) == "learned" else None
+
+
+def relative_positions(cfg: ModelConfig) -> bool:
+    """True when scores depend only on distances (rotary, ALiBi, T5): a cache can then slide past
+    seq_len. Absolute positions (learned, sinusoidal) enter every key and value, so a window that
+    moves must be recomputed."""
+    return position_scheme(cfg) in ("rotary", "alibi", "t5")
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -45,7 +93,13 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 def attention_implementation(cfg: ModelConfig) -> str:
     """'cudnn' or 'xla' for the training/scoring forward pass; UserError for a cudnn request that
-    cannot run here (cuDNN raises deep inside compilation otherwise)."""
+    cannot run here (cuDNN raises deep inside compilation otherwise).
+
+    auto picks cuDNN's fused kernel for the schemes that need no score bias (rotary, learned,
+    sinusoidal). ALiBi and T5 add a bias [H, T, S], which cuDNN accepts but which no test here has
+    run on a GPU: they stay on XLA unless cudnn is asked for. Dropout on attention weights (gpt in
+    training) has no fused kernel at all and is computed by `layers.attend` itself.
+    """
     dtype = compute_dtype(cfg)
     why_not = None
     if jax.default_backend() != "gpu":
@@ -57,7 +111,7 @@ def attention_implementation(cfg: ModelConfig) -> str:
     if cfg.attention == "cudnn" and why_not:
         raise UserError(f"--model.attention cudnn cannot run here: {why_not}; use --model.attention xla or auto")
     if cfg.attention == "auto":
-        return "xla" if why_not else "cudnn"
+        return "xla" if why_not or position_scheme(cfg) in ("alibi", "t5") else "cudnn"
     return cfg.attention
 
 
@@ -66,157 +120,188 @@ def _cudnn_max_head() -> int:
     return 256 if float(cc) >= 9.0 else 128
 
 
-def rotary_tables(positions: jax.Array, dim_head: int):
-    """(cos, sin) [T, dim_head] for rotate-half rotary embeddings, computed once per forward pass."""
-    half = dim_head // 2
-    inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, half]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def rotary(x: jax.Array, tables) -> jax.Array:
-    """Rotate pairs of features (rotate-half layout) of x [..., T, H, D]: each half i is paired with
-    i + D/2 and turned by angle position * freq_i.
-
-    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) is a signed permutation applied
-    as a D x D matmul: exact (one nonzero per column), and on CPUs far cheaper than the concatenate
-    that splitting and re-joining the halves costs in the forward and again in the backward pass.
-    """
-    cos, sin = tables[0][:, None, :], tables[1][:, None, :]  # broadcast over heads
-    d = x.shape[-1]
-    half = d // 2
-    perm = jnp.zeros((d, d), jnp.float32)
-    perm = perm.at[jnp.arange(half) + half, jnp.arange(half)].set(-1.0).at[jnp.arange(half), jnp.arange(half) + half].set(1.0)
-    xf = x.astype(jnp.float32)
-    rotated = jnp.matmul(xf, perm, precision=jax.lax.Precision.HIGHEST)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-def attend(q, k, v, positions, key_positions, seq_len: int, implementation: str, contiguous: bool):
-    """Multi-query attention: q [..., T, H, D], one key/value head k, v [..., S, D] -> [..., T, H, D].
-
-    A query attends to keys at positions p with 0 <= query - p < seq_len (causal, and never wider
-    than the training context). `contiguous`: keys are the queries' own positions 0..T-1, so the
-    mask is plain causal (with a sliding window past seq_len), which fused kernels compute without
-    materialising it. Otherwise (a cache) the mask is built from the positions. The single key head
-    is passed as K = 1: jax groups the query heads over it without copying it per head, and its
-    XLA path accumulates scores and softmax in float32 whatever the compute dtype.
-    """
-    lead, (t, h, d), s = q.shape[:-3], q.shape[-3:], k.shape[-2]
-    q4, k4, v4 = q.reshape(-1, t, h, d), k.reshape(-1, s, 1, d), v.reshape(-1, s, 1, d)
-    if contiguous:
-        window = (seq_len - 1, 0) if t > seq_len else None
-        out = jax.nn.dot_product_attention(q4, k4, v4, is_causal=True, local_window_size=window,
-                                           implementation=implementation if window is None else "xla")
-    else:
-        delta = positions[:, None] - key_positions[None, :]
-        allowed = (key_positions[None, :] >= 0) & (delta >= 0) & (delta < seq_len)
-        out = jax.nn.dot_product_attention(q4, k4, v4, mask=allowed[None, None], implementation="xla")
-    return out.reshape(*lead, t, h, d)
-
-
 def init_cache(cfg: ModelConfig, batch_shape: tuple[int, ...], dtype=None) -> dict:
     """An empty key/value cache holding seq_len positions, in the compute dtype by default.
 
     Multi-query attention stores one key and one value head per layer, so the cache is
-    2 * depth * seq_len * dim_head numbers per sequence, `heads` times smaller than multi-head.
+    2 * depth * seq_len * dim_head numbers per sequence, `heads` times smaller than multi-head (gpt).
     Slot i holds position `pos[i]` (-1 = empty); positions are written at slot pos % seq_len,
     so generation past seq_len overwrites the oldest position (a sliding window).
     """
     dtype = compute_dtype(cfg) if dtype is None else dtype
-    shape = (*batch_shape, cfg.seq_len, cfg.dim_head)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth)]
-    return {"pos": jnp.full((cfg.seq_len,), -1, jnp.int32), "layers": layers}
+    shape = (*batch_shape, cfg.seq_len, kv_heads(cfg), cfg.dim_head)
+    layers_ = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth)]
+    return {"pos": jnp.full((cfg.seq_len,), -1, jnp.int32), "layers": layers_}
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, residual: bool = False) -> nn.Dense:
+    parts = VARIANTS[cfg.variant]
+    init = dense_init
+    if parts.gpt2_init:
+        init = nn.initializers.normal(0.02 / math.sqrt(2 * cfg.depth)) if residual else gpt2_init
+    return nn.Dense(features, use_bias=parts.bias, kernel_init=init, dtype=compute_dtype(cfg), name=name)
+
+
+def _dropout(cfg: ModelConfig, deterministic: bool):
+    """A dropout callable, or None when nothing is dropped (then no random numbers are drawn at all)."""
+    return None if deterministic or cfg.dropout == 0 else nn.Dropout(cfg.dropout, deterministic=False)
+
+
+def _attention(cfg, q, k, v, where, cache, drop):
+    """Rotary (if any), the cache write, and attention of q [..., T, H, D] over k, v [..., T, K, D].
+    `where` = (positions, key_positions, rope tables or None, score bias or None, contiguous, context).
+    Returns (attention output [..., T, H * D], the layer's updated cache or None)."""
+    positions, key_positions, rope, bias, contiguous, context = where
+    if rope is not None:
+        q, k = layers.rotary(q, rope), layers.rotary(k, rope)
+    new_cache = None
+    if cache is not None:
+        # Write this call's keys/values at their slots, then attend over the whole cache.
+        slots = positions % cfg.seq_len
+        k = cache["k"].at[..., slots, :, :].set(k.astype(cache["k"].dtype))
+        v = cache["v"].at[..., slots, :, :].set(v.astype(cache["v"].dtype))
+        new_cache = {"k": k, "v": v}
+    dtype = compute_dtype(cfg)
+    out = layers.attend(q, k.astype(dtype), v.astype(dtype), positions, key_positions, context=context,
+                        implementation=attention_implementation(cfg), contiguous=contiguous and cache is None,
+                        bias=bias, dropout=drop)
+    return out.reshape(*out.shape[:-2], cfg.heads * cfg.dim_head), new_cache
+
+
+def _split_heads(cfg, q, kv):
+    """q [..., T, H*D] -> [..., T, H, D]; kv [..., T, K*D] -> [..., T, K, D]."""
+    return (q.reshape(*q.shape[:-1], cfg.heads, cfg.dim_head),
+            kv.reshape(*kv.shape[:-1], kv.shape[-1] // cfg.dim_head, cfg.dim_head))
 
 
 class ParallelBlock(nn.Module):
+    """x + attn(norm(x)) + ff(norm(x)): palm and palm-lite. Parameter names are the original PaLM
+    checkpoints' (block_i/norm, fused_proj, attn_out, ff_out), so old experiments load unchanged."""
+
     cfg: ModelConfig
-    implementation: str = "xla"  # for the contiguous (training) case; see `attend`
 
     @nn.compact
-    def __call__(self, x, positions, tables, key_positions, cache=None, contiguous=True):
-        cfg = self.cfg
+    def __call__(self, x, positions, key_positions, rope, bias, cache, contiguous, context, deterministic):
+        cfg, parts = self.cfg, VARIANTS[self.cfg.variant]
         dtype = compute_dtype(cfg)
-        h = nn.LayerNorm(use_bias=False, dtype=jnp.float32, name="norm")(x)
-        ff_inner = cfg.ff_mult * cfg.dim
-        q_width = cfg.heads * cfg.dim_head
+        h = layers.norm(parts.norm, "norm")(x).astype(dtype)
+        ff_inner, q_width = cfg.ff_mult * cfg.dim, cfg.heads * cfg.dim_head
+        kv_width = cfg.dim_head if parts.kv == "shared" else 2 * cfg.dim_head
         # One fused kernel (PaLM's layout, and the checkpoint's), multiplied in two column slices:
         # slicing the [dim, width] weights instead of the [tokens, width] activations spares the
         # backward pass a concatenate of the whole activation gradient.
         kernel = self.param("fused_proj", lambda key, shape: {"kernel": dense_init(key, shape)},
-                            (cfg.dim, q_width + 2 * cfg.dim_head + 2 * ff_inner))["kernel"]
-        h = h.astype(dtype)
-        qkv = h @ kernel[:, : q_width + 2 * cfg.dim_head].astype(dtype)
-        ff = h @ kernel[:, q_width + 2 * cfg.dim_head :].astype(dtype)
-        q, k, v = jnp.split(qkv, [q_width, q_width + cfg.dim_head], axis=-1)
+                            (cfg.dim, q_width + kv_width + 2 * ff_inner))["kernel"]
+        qkv = h @ kernel[:, : q_width + kv_width].astype(dtype)
+        ff = h @ kernel[:, q_width + kv_width :].astype(dtype)
+        q, kv = _split_heads(cfg, qkv[..., :q_width], qkv[..., q_width:])
+        k, v = (kv, kv) if parts.kv == "shared" else (kv[..., :1, :], kv[..., 1:, :])
+        drop = _dropout(cfg, deterministic)
+        where = (positions, key_positions, rope, bias, contiguous, context)
+        attn, new_cache = _attention(cfg, q, k, v, where, cache, drop)
         gate, up = jnp.split(ff, 2, axis=-1)
-        q = q.reshape(*q.shape[:-1], cfg.heads, cfg.dim_head)
-        q = rotary(q, tables)
-        k = rotary(k[..., None, :], tables)[..., 0, :]
+        out = _dense(cfg, cfg.dim, "attn_out", residual=True)(attn) + _dense(cfg, cfg.dim, "ff_out", residual=True)(
+            layers.gated(parts.ff, gate, up))
+        out = out.astype(x.dtype)
+        return x + (drop(out) if drop else out), new_cache
 
-        new_cache = None
-        if cache is not None:
-            # Write this call's keys/values at their slots, then attend over the whole cache.
-            slots = positions % cfg.seq_len
-            k = cache["k"].at[..., slots, :].set(k.astype(cache["k"].dtype))
-            v = cache["v"].at[..., slots, :].set(v.astype(cache["v"].dtype))
-            new_cache = {"k": k, "v": v}
 
-        attn = attend(q, k.astype(dtype), v.astype(dtype), positions, key_positions, cfg.seq_len,
-                      self.implementation, contiguous and cache is None)
-        attn = attn.reshape(*attn.shape[:-2], q_width)
+class SequentialBlock(nn.Module):
+    """x += attn(norm1(x)); x += ff(norm2(x)): lamda and gpt (pre-norm, as GPT-2 and T5)."""
 
-        attn_out = nn.Dense(cfg.dim, use_bias=False, kernel_init=dense_init, dtype=dtype, name="attn_out")(attn)
-        ff_out = nn.Dense(cfg.dim, use_bias=False, kernel_init=dense_init, dtype=dtype, name="ff_out")(
-            nn.swish(gate) * up
-        )
-        return x + (attn_out + ff_out).astype(x.dtype), new_cache
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, rope, bias, cache, contiguous, context, deterministic):
+        cfg, parts = self.cfg, VARIANTS[self.cfg.variant]
+        dtype = compute_dtype(cfg)
+        drop = _dropout(cfg, deterministic)
+        q_width, kv_width = cfg.heads * cfg.dim_head, 2 * kv_heads(cfg) * cfg.dim_head
+        h = layers.norm(parts.norm, "attn_norm")(x).astype(dtype)
+        qkv = _dense(cfg, q_width + kv_width, "qkv")(h)
+        q, kv = _split_heads(cfg, qkv[..., :q_width], qkv[..., q_width:])
+        k, v = jnp.split(kv, 2, axis=-2)
+        attn, new_cache = _attention(cfg, q, k, v, (positions, key_positions, rope, bias, contiguous, context),
+                                     cache, drop)
+        out = _dense(cfg, cfg.dim, "attn_out", residual=True)(attn).astype(x.dtype)
+        x = x + (drop(out) if drop else out)
+        h = layers.norm(parts.norm, "ff_norm")(x).astype(dtype)
+        if parts.ff == "gelu":  # GPT-2's MLP uses the tanh approximation of GELU
+            inner = nn.gelu(_dense(cfg, cfg.ff_mult * cfg.dim, "ff_in")(h), approximate=True)
+        else:
+            inner = layers.gated(parts.ff, *jnp.split(_dense(cfg, 2 * cfg.ff_mult * cfg.dim, "ff_in")(h), 2, axis=-1))
+        out = _dense(cfg, cfg.dim, "ff_out", residual=True)(inner).astype(x.dtype)
+        return x + (drop(out) if drop else out), new_cache
 
 
 class PaLM(nn.Module):
-    """tokens [..., T] -> logits [..., T, num_tokens] (float32), updated cache (or None).
+    """tokens [..., T] -> logits [..., T, num_tokens] (float32), updated cache (or None). The model of
+    every variant (`cfg.variant`), named for the family the project grew from.
 
     `positions` default to 0..T-1 (a training window); given, or with a cache, they place the
-    tokens anywhere in a longer stream.
+    tokens anywhere in a longer stream. `context`: how far back a query may look (default seq_len;
+    a window longer than that slides). `deterministic=False` turns dropout on (training only); it
+    then needs a "dropout" rng.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache=None):
-        cfg = self.cfg
+    def __call__(self, tokens, positions=None, cache=None, context=None, deterministic=True):
+        cfg, parts, scheme = self.cfg, VARIANTS[self.cfg.variant], position_scheme(self.cfg)
         contiguous = positions is None
         if positions is None:
             positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)
-        embed = nn.Embed(cfg.num_tokens, cfg.dim, embedding_init=embed_init, name="embed")
-        x = embed(tokens).astype(jnp.float32)
+        if scheme == "learned" and contiguous and tokens.shape[-1] > cfg.seq_len:
+            raise UserError(f"a window of {tokens.shape[-1]} tokens is longer than the {cfg.seq_len} learned "
+                            "positions of this model; use at most seq_len, or a scheme that extends (alibi, t5)")
+        embed = nn.Embed(cfg.num_tokens, cfg.dim, embedding_init=gpt2_init if parts.gpt2_init else embed_init,
+                         name="embed")
+        x = embed(tokens).astype(jnp.float32) + self._absolute_positions(positions, scheme)
+        drop = _dropout(cfg, deterministic)
+        x = drop(x) if drop else x
 
         if cache is None:
             key_positions, new_cache = positions, None
         else:
             key_positions = cache["pos"].at[positions % cfg.seq_len].set(positions)
             new_cache = {"pos": key_positions, "layers": []}
-        implementation = attention_implementation(cfg)
+        rope = layers.rotary_tables(positions, cfg.dim_head) if scheme == "rotary" else None
+        bias = None
+        if scheme == "alibi":
+            bias = layers.alibi_bias(positions, key_positions, cfg.heads)
+        elif scheme == "t5":
+            bias = layers.RelativeBias(cfg.heads, name="rel_bias")(positions, key_positions)
+        block = ParallelBlock if parts.arrangement == "parallel" else SequentialBlock
         # Remat applies to training and scoring; a cached decoding step has nothing worth recomputing.
-        block = ParallelBlock
         if cfg.remat != "none" and cache is None:
-            block = nn.remat(ParallelBlock, policy=REMAT_POLICIES[cfg.remat], static_argnums=(6,))
-        tables = rotary_tables(positions, cfg.dim_head)
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(7, 8, 9))
         for i in range(cfg.depth):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block(cfg, implementation, name=f"block_{i}")(
-                x, positions, tables, key_positions, layer_cache, contiguous)
+            x, layer_cache = block(cfg, name=f"block_{i}")(
+                x, positions, key_positions, rope, bias, layer_cache, contiguous, context or cfg.seq_len,
+                deterministic)
             if cache is not None:
                 new_cache["layers"].append(layer_cache)
 
-        x = nn.LayerNorm(use_bias=False, dtype=jnp.float32, name="final_norm")(x)
+        x = layers.norm(parts.norm, "final_norm")(x)
         # The tied head in the compute dtype, accumulated and returned in float32: bfloat16 logits
         # would carry ~3 significant digits into the loss.
         dtype = compute_dtype(cfg)
         logits = jnp.einsum("...d,vd->...v", x.astype(dtype), embed.embedding.astype(dtype),
                             preferred_element_type=jnp.float32)
-        return logits / math.sqrt(cfg.dim), new_cache
+        return (logits if parts.gpt2_init else logits / math.sqrt(cfg.dim)), new_cache
+
+    def _absolute_positions(self, positions, scheme: str):
+        if scheme == "learned":
+            return nn.Embed(self.cfg.seq_len, self.cfg.dim, embedding_init=gpt2_init, name="pos_embed")(positions)
+        if scheme == "sinusoidal":
+            # Vaswani et al. give positions and tokens the same scale (sections 3.4-3.5: embeddings
+            # times sqrt(d), unit sines); at GPT-2's 0.02 the raw table would drown every token, so
+            # it is brought to the token embedding's init scale instead (a sine's RMS is 1/sqrt(2)).
+            std = 0.02 if VARIANTS[self.cfg.variant].gpt2_init else 1.0
+            return layers.sinusoidal(positions, self.cfg.dim) * (std * math.sqrt(2))
+        return 0.0
 
 
 def token_nll(logits, targets):

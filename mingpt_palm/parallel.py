@@ -194,6 +194,12 @@ def steps_in_flight() -> int:
     return 1 if jax.default_backend() == "cpu" else 3
 
 
+def device_index():
+    """This device's index among all devices of all processes (the order `shard` and get_batch's
+    per-process slices lay the global batch out in); call inside a function given to `pmap`."""
+    return jax.lax.axis_index(AXIS)
+
+
 def pmean(tree):
     """Average over all devices of all processes; call inside a function given to `pmap`."""
     return jax.lax.pmean(tree, AXIS)

@@ -2,7 +2,9 @@
 
 The prompt is encoded in one pass (padded to seq_len so every prompt length shares one
 compilation), then a `lax.scan` runs one cached step per new character. Past seq_len the cache
-works as a sliding window: each new character attends to the seq_len - 1 characters before it.
+works as a sliding window: each new character attends to the seq_len - 1 characters before it. Models
+with absolute positions (learned, sinusoidal) cannot slide a cache (every key carries its position),
+so past seq_len each step runs the model over the last seq_len characters instead.
 `generate_recompute` is the reference: a full forward over the last seq_len characters per step.
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from mingpt_palm import parallel
 from mingpt_palm.config import ModelConfig, UserError
-from mingpt_palm.model import PaLM, init_cache
+from mingpt_palm.model import PaLM, init_cache, relative_positions
 
 
 def filter_logits(logits, temperature: float, top_k: int | None, top_p: float | None):
@@ -71,15 +73,39 @@ def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples
     cache = init_cache(cfg, (num_samples,))
     logits, cache = model.apply({"params": params}, tokens, jnp.arange(cfg.seq_len), cache)
     last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+    slides = relative_positions(cfg)
+
+    def cached(tok, cache, window, pos):
+        logits, cache = model.apply({"params": params}, tok[:, None], pos[None], cache)
+        return logits[:, 0], cache
+
+    def recomputed(tok, cache, window, pos):
+        # Absolute positions (learned, sinusoidal) are baked into every cached key and value: once the
+        # window moves, position 0 is a different character, so the window is run again from scratch.
+        logits, _ = model.apply({"params": params}, window)
+        return logits[:, -1], cache
 
     def step(carry, key):
-        logits, cache, pos = carry
+        logits, cache, window, pos = carry  # pos: the position of the token sampled now
         tok = sample_token(logits, key, temperature, top_k, top_p)
-        logits, cache = model.apply({"params": params}, tok[:, None], pos[None], cache)
-        return (logits[:, 0], cache, pos + 1), tok
+        window = _push(window, tok, pos, cfg.seq_len)
+        if slides:
+            logits, cache = cached(tok, cache, window, pos)
+        else:
+            logits, cache = jax.lax.cond(pos < cfg.seq_len, cached, recomputed, tok, cache, window, pos)
+        return (logits, cache, window, pos + 1), tok
 
-    _, out = jax.lax.scan(step, (last, cache, prompt_len.astype(jnp.int32)), jax.random.split(key, steps))
+    carry = (last, cache, tokens, prompt_len.astype(jnp.int32))
+    _, out = jax.lax.scan(step, carry, jax.random.split(key, steps))
     return out.T
+
+
+def _push(window, tok, length, seq_len: int):
+    """The last seq_len tokens after appending tok to a window holding `length` of them (left-aligned)."""
+    full = length >= seq_len
+    # A full window drops its oldest character; otherwise the new one goes at `length`.
+    shifted = jnp.where(full, jnp.roll(window, -1, axis=1), window)
+    return jax.lax.dynamic_update_index_in_dim(shifted, tok, jnp.where(full, seq_len - 1, length), axis=1)
 
 
 @partial(jax.jit, static_argnames=("cfg", "steps", "num_samples", "temperature", "top_k", "top_p"))
@@ -92,11 +118,7 @@ def _generate_recompute(params, padded, prompt_len, key, *, cfg, steps, num_samp
         logits, _ = model.apply({"params": params}, window)
         last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
         tok = sample_token(last, key, temperature, top_k, top_p)
-        full = length == cfg.seq_len
-        # A full window drops its oldest character; otherwise the new one goes at `length`.
-        shifted = jnp.where(full, jnp.roll(window, -1, axis=1), window)
-        window = jax.lax.dynamic_update_index_in_dim(shifted, tok, jnp.where(full, length - 1, length), axis=1)
-        return (window, jnp.minimum(length + 1, cfg.seq_len)), tok
+        return (_push(window, tok, length, cfg.seq_len), jnp.minimum(length + 1, cfg.seq_len)), tok
 
     _, out = jax.lax.scan(step, (window, prompt_len.astype(jnp.int32)), jax.random.split(key, steps))
     return out.T

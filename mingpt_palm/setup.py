@@ -1,7 +1,8 @@
 """Setting a run up: everything that can fail on bad input happens here, before anything is written.
 
 prepare() opens (or checks) the experiment, loads and checks the corpus, resolves the settings
-against a saved run, builds the model and the (restored or new) state; agree_across_processes() makes the processes
+against a saved run, builds the model and the (restored, fine-tuned from another experiment's
+parameters, or new) state; agree_across_processes() makes the processes
 of a job compare their settings; record_start() writes the experiment's records; announce() says
 what is about to run.
 """
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mingpt_palm import config as config_lib
-from mingpt_palm import data, parallel
+from mingpt_palm import data, parallel, tokenizers
 from mingpt_palm.config import TrainConfig, UserError
 from mingpt_palm.experiment import Experiment
 from mingpt_palm.model import PaLM, attention_implementation, compute_dtype, param_count
@@ -67,6 +69,40 @@ class Run:
     saved: TrainConfig | None  # the settings of the run being continued (None for a new run)
     notes: list  # start-up lines particular to this start (resumes: what changed and what it means)
     stepped: bool = False  # a step has finished: from now on the directory is worth keeping
+    init: dict | None = None  # --init-from: the experiment (absolute path) and step the parameters came from
+    splits: TokenSplits | None = None  # what batches are cut from
+
+
+@dataclasses.dataclass
+class TokenSplits:
+    """What training batches and validation windows are cut from: the corpus's bytes for byte and char
+    tokens (turned into ids on the device, through vocab.table), token ids for sentencepiece, encoded once
+    per experiment and memory-mapped from its tokens/ after that."""
+
+    train: Any
+    val: Any
+    to_cache: list  # [(bytes, ids)] of the splits this start had to encode: record_start keeps them
+
+
+def _token_splits(cfg: TrainConfig, corpus: data.Corpus, vocab) -> TokenSplits:
+    if vocab.kind != "sentencepiece":
+        return TokenSplits(corpus.train, corpus.val, [])
+    ids, to_cache = {}, []
+    for name in ("train", "val") if cfg.eval_interval else ("train",):
+        raw = corpus.split(name)
+        ids[name] = vocab.cached(raw)
+        if ids[name] is None:
+            if jax.process_index() == 0:
+                print(f"tokenizer: encoding the {name} split ({len(raw):,} bytes) once; later runs read it from "
+                      "tokens/ in the experiment", flush=True)
+            ids[name] = vocab.encode(raw)
+            to_cache.append((raw, ids[name]))
+        if len(ids[name]) < cfg.model.seq_len + 1:
+            raise UserError(f"the {name} split of {corpus.path} is {len(ids[name]):,} sentencepiece tokens "
+                            f"({len(raw):,} bytes), fewer than one window of block size + 1 = "
+                            f"{cfg.model.seq_len + 1}; use a smaller --block-size, a smaller --data.vocab-size or a "
+                            "bigger corpus")
+    return TokenSplits(ids["train"], ids.get("val"), to_cache)
 
 
 def _open_experiment(cfg: TrainConfig, resuming: bool) -> Experiment:
@@ -92,8 +128,76 @@ def _open_experiment(cfg: TrainConfig, resuming: bool) -> Experiment:
     return exp
 
 
-def _load_data(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None):
-    """(corpus, fingerprint, vocab); a continued run gets exactly the corpus and vocabulary it had."""
+def init_source(cfg: TrainConfig) -> Experiment:
+    """The experiment --init-from names (a path such as experiments/X, or a bare name under
+    --experiments-dir), checked: it exists and holds a checkpoint."""
+    path = Path(cfg.init_from)
+    parent = path.parent if len(path.parts) > 1 else Path(cfg.experiments_dir)
+    try:
+        exp = Experiment(parent, path.name)
+        exp.check_existing()
+    except UserError as e:
+        raise UserError(f"--init-from {cfg.init_from}: {e}") from None
+    if not exp.checkpoint_steps():
+        raise UserError(f"--init-from {cfg.init_from}: {exp.checkpoint_dir} holds no checkpoint to take parameters "
+                        "from; train it first, or start from another experiment")
+    return exp
+
+
+def finetune_defaults(source: TrainConfig) -> TrainConfig:
+    """The defaults of a run started from `source`'s parameters: its model, its vocabulary settings and
+    its corpus; everything else (optimizer, steps, batch, seed) a new run's."""
+    return TrainConfig(dataset_path=source.dataset_path, model=source.model, data=source.data)
+
+
+def _finetune_source(cfg: TrainConfig) -> tuple[Experiment, TrainConfig]:
+    """The --init-from experiment and its settings, refusing a model or vocabulary other than its own."""
+    exp = init_source(cfg)
+    source = exp.read_config()
+    refused = config_lib.differences(source, cfg, config_lib.finetune_keeps)
+    if refused:
+        listing = ", ".join(f"--{path.replace('_', '-')} {b!r} (it has {a!r})" for path, a, b in refused)
+        raise UserError(f"--init-from {cfg.init_from}: {listing}: a run started from {exp.path}'s parameters keeps "
+                        "its architecture and vocabulary (of the model only dropout, z-loss, dtype, attention and "
+                        "remat may differ); leave those flags out")
+    return exp, source
+
+
+def _unknown_note(vocab, corpus) -> str:
+    """How many bytes of the corpus a vocabulary taken from another experiment cannot represent."""
+    if vocab.kind != "char":
+        return ""
+    whole = corpus.split("train"), corpus.split("val"), corpus.split("test")
+    total = sum(len(part) for part in whole)
+    # In chunks: encoding a 100 MB memmap at once would make a 400 MB int32 copy.
+    unknown = sum(vocab.unknown_count(part[i : i + (1 << 24)]) for part in whole for i in range(0, len(part), 1 << 24))
+    return (f"; vocabulary {vocab.kind} ({vocab.size} ids) from there: {unknown:,} of this corpus's {total:,} bytes "
+            f"({100 * unknown / max(total, 1):.2f}%) are outside it and become the unknown id")
+
+
+def _init_from(source: tuple[Experiment, TrainConfig], run_cfg: TrainConfig, tx):
+    """A step-0 state holding the newest parameters of the source experiment, with a fresh optimizer.
+
+    The checkpoint is read whole (the source's optimizer decides the layout of its optimizer state,
+    which is dropped): the source's optimizer settings with this run's model, whose parameters have the
+    source's shapes (finetune_keeps). Returns (state, {"experiment": its absolute path, "step": the
+    step the parameters were saved at})."""
+    exp, source_cfg = source
+    abstract = build(dataclasses.replace(source_cfg, model=run_cfg.model))[4]
+    try:
+        restored, _, step = exp.restore(abstract, read_only=True)
+    finally:
+        exp.close()
+
+    def fresh(params):
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), skipped=jnp.int32(0))
+
+    return jax.block_until_ready(jax.jit(fresh)(restored.params)), {"experiment": str(exp.path.resolve()), "step": step}
+
+
+def _load_data(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, source=None):
+    """(corpus, fingerprint, vocab); a continued run gets exactly the corpus and vocabulary it had, a run
+    started from another experiment's parameters that experiment's vocabulary."""
     recorded = exp.read_corpus() if saved else None
     corpus = data.load_corpus(cfg.dataset_path, cfg.data, progress=cfg.progress and jax.process_index() == 0,
                               expect=recorded, owner=str(exp.path))
@@ -107,18 +211,29 @@ def _load_data(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None):
         val_hint = "" if fractions == "" else ", a larger --data.val-fraction"
         data.require_windows(corpus.val, "val", seq_len, corpus.path,
                              f"use a smaller --block-size{val_hint}, --eval-interval 0, or a bigger corpus")
-    vocab = exp.read_vocab(saved.model.num_tokens) if saved else data.Vocab.build(cfg.data.vocab, corpus.train)
+    if saved:
+        vocab = exp.read_vocab(saved.model.num_tokens)
+    elif source:
+        vocab = source[0].read_vocab(source[1].model.num_tokens)
+    else:
+        if cfg.data.tokenizer == "sentencepiece" and jax.process_index() == 0:
+            print(f"tokenizer: learning {cfg.data.vocab_size:,} sentencepiece {cfg.data.sp_model_type} pieces from "
+                  f"the train split", flush=True)
+        vocab = tokenizers.build_vocab(cfg.data, corpus.train, cfg.seed)
     return corpus, recorded or data.fingerprint(corpus.path), vocab
 
 
-def _resolve(cfg: TrainConfig, saved: TrainConfig | None, exp: Experiment, corpus, vocab) -> TrainConfig:
-    """The settings as they will be saved, checked against the saved ones when continuing."""
+def _resolve(cfg: TrainConfig, saved: TrainConfig | None, exp: Experiment, corpus, vocab,
+             train_tokens: int | None = None) -> TrainConfig:
+    """The settings as they will be saved, checked against the saved ones when continuing. `train_tokens`:
+    the length of the training split in tokens (default its bytes), which epochs count in."""
     epochs = cfg.max_epochs
     if saved is not None and cfg.max_steps != saved.max_steps and cfg.max_epochs == saved.max_epochs:
         epochs = None  # --max-steps given now wins over the --max-epochs of the original command
     max_steps = cfg.max_steps
     if epochs is not None:
-        max_steps = steps_for_epochs(epochs, len(corpus.train), cfg.model.seq_len, cfg.batch_size)
+        n_train = len(corpus.train) if train_tokens is None else train_tokens
+        max_steps = steps_for_epochs(epochs, n_train, cfg.model.seq_len, cfg.batch_size)
         if max_steps > config_lib.STEP_LIMIT:
             raise UserError(f"--max-epochs {epochs} means {max_steps:,} steps, more than the 2**31 - 1 a run can take")
     # A file path is stored absolute so that eval_char.py finds the corpus from any directory.
@@ -164,13 +279,16 @@ def prepare(cfg: TrainConfig) -> Run:
     exp = _open_experiment(cfg, resuming)
     try:
         saved = exp.read_config() if resuming else None
-        corpus, fingerprint, vocab = _load_data(cfg, exp, saved)
-        run_cfg = _resolve(cfg, saved, exp, corpus, vocab)
+        # A resumed run's init_from is only the record of how it began.
+        source = _finetune_source(cfg) if cfg.init_from is not None and not resuming else None
+        corpus, fingerprint, vocab = _load_data(cfg, exp, saved, source)
+        splits = _token_splits(cfg, corpus, vocab)
+        run_cfg = _resolve(cfg, saved, exp, corpus, vocab, train_tokens=len(splits.train))
         parallel.check_batch(run_cfg.batch_size, run_cfg.grad_accum_steps)
         attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
         model, tx, schedule, decayed, abstract = build(run_cfg)
         make_state = partial(init_state, model, tx, run_cfg)
-        notes = []
+        notes, init = [], None
         if resuming:
             # Only process 0 moves damaged or superseded checkpoints; the others just read.
             main = jax.process_index() == 0
@@ -178,6 +296,10 @@ def prepare(cfg: TrainConfig) -> Run:
             if cfg.restore_step is not None and main:
                 exp.supersede_newer(cfg.restore_step)
             notes = _resume_notes(run_cfg, saved, state, meta)
+        elif source:
+            state, init = _init_from(source, run_cfg, tx)
+            notes = [f"init: parameters from {source[0].path} step {init['step']} (step 0 here, fresh optimizer and "
+                     f"schedule){_unknown_note(vocab, corpus)}"]
         else:
             # Wait on every leaf: reading one output (the step) of a computation whose other output could
             # not be allocated hangs forever on the CPU backend, while waiting on that output raises
@@ -187,7 +309,8 @@ def prepare(cfg: TrainConfig) -> Run:
         if start >= run_cfg.max_steps:
             raise UserError(f"{exp.path} is at step {start}, and --max-steps is {run_cfg.max_steps}: nothing to "
                             f"train; pass a larger --max-steps to continue")
-        return Run(run_cfg, exp, corpus, fingerprint, vocab, model, tx, schedule, decayed, state, start, saved, notes)
+        return Run(run_cfg, exp, corpus, fingerprint, vocab, model, tx, schedule, decayed, state, start, saved, notes,
+                   init=init, splits=splits)
     except BaseException:
         exp.lock.release(started=False)
         raise
@@ -196,13 +319,16 @@ def prepare(cfg: TrainConfig) -> Run:
 def agree_across_processes(run: Run) -> None:
     """Every process must run the same settings on the same corpus from the same step (a mismatch would
     hang in the first all-reduce, or silently train a different model on each)."""
-    mine = {"config": config_lib.to_dict(run.cfg), "corpus_sha256": run.fingerprint["sha256"], "start": run.start}
+    # A tokenizer is learned by each process on its own: the same bytes and settings give the same one.
+    tokenizer = run.vocab.sha256 if run.vocab.kind == "sentencepiece" else run.vocab.to_json()
+    mine = {"config": config_lib.to_dict(run.cfg), "corpus_sha256": run.fingerprint["sha256"], "start": run.start,
+            "tokenizer": tokenizer}
     for pid, payload in parallel.agree("settings", json.dumps(mine), run.cfg.distributed_timeout):
         theirs = json.loads(payload)
         diffs = [f"{path}: {a!r} here vs {b!r} on process {pid}" for path, a, b in config_lib.differences(
             run.cfg, config_lib.from_dict(TrainConfig, theirs["config"]))]
-        diffs += [f"{k}: {mine[k]!r} here vs {theirs[k]!r} on process {pid}" for k in ("corpus_sha256", "start")
-                  if mine[k] != theirs[k]]
+        diffs += [f"{k}: {mine[k]!r} here vs {theirs[k]!r} on process {pid}"
+                  for k in ("corpus_sha256", "start", "tokenizer") if mine[k] != theirs[k]]
         if diffs:
             raise UserError(f"process {jax.process_index()} and process {pid} were started with different settings "
                             f"({'; '.join(diffs[:6])}); start every process with the same arguments")
@@ -216,14 +342,25 @@ def record_start(run: Run) -> None:
         cfg = run.cfg = dataclasses.replace(cfg, experiment_name=exp.name)  # a default name may have moved on
         exp.write_corpus(run.fingerprint)
         exp.write_vocab(run.vocab)
+    for raw, ids in run.splits.to_cache if run.splits else ():
+        exp.write_tokens(run.vocab, raw, ids)
     changed = {path: [a, b] for path, a, b in config_lib.differences(run.saved, cfg)} if run.saved else {}
     exp.write_config(cfg)
     exp.append_history({
         "event": "resume" if run.saved else "new", "time": f"{datetime.now():%Y-%m-%d %H:%M:%S}", "step": run.start,
         "host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(sys.argv),
         "devices": jax.device_count(), "processes": jax.process_count(), "changed": changed,
-        "config": config_lib.to_dict(cfg),
+        **({"init_from": run.init} if run.init else {}), "config": config_lib.to_dict(cfg),
     })
+
+
+def _attention_note(m) -> str:
+    """Why the attention implementation is what it is, where that is not obvious."""
+    if m.dropout:
+        return " (training computes dropped-out weights itself: no fused kernel drops them)"
+    if config_lib.position_scheme(m) in ("alibi", "t5") and m.attention == "auto" and jax.default_backend() == "gpu":
+        return " (score bias: cuDNN's bias path is opt-in, --model.attention cudnn)"
+    return ""
 
 
 def announce(run: Run) -> None:
@@ -233,12 +370,23 @@ def announce(run: Run) -> None:
     print(f"devices: {n_dev} x {jax.devices()[0].platform} ({jax.process_count()} process(es)); global batch "
           f"{cfg.batch_size} = {split}; {cfg.batch_size * m.seq_len:,} tokens/step")
     dtype, attention = compute_dtype(m).name, attention_implementation(m)
-    print(f"model: {param_count(run.state.params):,} parameters (dim {m.dim}, depth {m.depth}, heads "
-          f"{m.heads}x{m.dim_head}, seq_len {m.seq_len}); compute {dtype}{' (auto)' if m.dtype == 'auto' else ''}, "
-          f"attention {attention}, remat {m.remat}; vocab {run.vocab.kind} ({run.vocab.size})")
+    print(f"model: {m.variant}, {param_count(run.state.params):,} parameters (dim {m.dim}, depth {m.depth}, heads "
+          f"{m.heads}x{m.dim_head}, seq_len {m.seq_len}, {config_lib.position_scheme(m)} positions"
+          f"{f', dropout {m.dropout}' if m.dropout else ''}); compute {dtype}{' (auto)' if m.dtype == 'auto' else ''}, "
+          f"attention {attention}{_attention_note(m)}, remat {m.remat}; vocab {run.vocab.kind} ({run.vocab.size})")
     c = run.corpus
     print(f"data: {c.path}: train {len(c.train):,} / val {len(c.val):,} / test {len(c.test):,} bytes")
+    if run.vocab.kind == "sentencepiece":
+        v, train = run.vocab, run.splits.train
+        learned = f" (learned in {v.info['train_seconds']} s from {v.info['trained_on_bytes']:,} bytes of whole lines)"
+        print(f"tokenizer: sentencepiece {v.info.get('model_type', '')}, {v.size:,} pieces"
+              f"{learned if 'train_seconds' in v.info else ''}; train split {len(train):,} tokens, "
+              f"{len(c.train) / max(len(train), 1):.3f} bytes/token")
     print(f"weight decay on {len(run.decayed)} kernels: {', '.join(run.decayed)}")
+    kept = [jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, _ in jax.tree_util.tree_leaves_with_path(run.state.params)]
+    kept = [name for name in kept if name not in set(run.decayed)]
+    print(f"no weight decay on {len(kept)} biases, norm scales, embeddings and position tables: {', '.join(kept)}")
     for note in run.notes:
         print(note)
     start_note = f"restored from step {run.start}" if run.saved else "new"

@@ -36,8 +36,12 @@ def build(cfg: TrainConfig):
     """(model, optimizer, schedule, decayed parameter names, abstract train state) for a config:
     shapes only (jax.eval_shape), nothing allocated."""
     model = PaLM(cfg.model)
-    tx, schedule, decayed = make_optimizer(cfg.optim, cfg.max_steps, jax.eval_shape(partial(init_params, model, cfg)))
-    return model, tx, schedule, decayed, jax.eval_shape(partial(init_state, model, tx, cfg))
+    # The model is traced once (seconds for a deep one): the optimizer state's shapes follow from the params'.
+    params = jax.eval_shape(partial(init_params, model, cfg))
+    tx, schedule, decayed = make_optimizer(cfg.optim, cfg.max_steps, params)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)  # what init_state's step and skipped are
+    abstract = TrainState(step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params), skipped=scalar)
+    return model, tx, schedule, decayed, abstract
 
 
 def all_finite(tree) -> jax.Array:

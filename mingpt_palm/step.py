@@ -20,6 +20,7 @@ from mingpt_palm.state import TrainState, all_finite
 # status: what the host reads every step (one small vector from one device); the rest of the
 # metrics only on the steps it logs.
 STATUS = ("finite", "halted", "stop", "bad_in_row", "loss", "grad_norm")
+DROPOUT_STREAM = 3  # folded into the seed: dropout's random numbers are not the parameter init's
 
 
 @flax.struct.dataclass
@@ -34,37 +35,55 @@ class Control:
         return cls(bad_in_row=jnp.int32(0), halted=jnp.bool_(False))
 
 
-def _grads(params, tokens, model, z_loss):
+def _grads(params, tokens, model, z_loss, keys=None):
     def loss_fn(p):
-        logits, _ = model.apply({"params": p}, tokens[:, :-1])
+        if keys is None:
+            logits, _ = model.apply({"params": p}, tokens[:, :-1])
+        else:  # a dropout key per sequence: the masks do not depend on how the batch was split
+            apply = lambda t, k: model.apply({"params": p}, t, deterministic=False, rngs={"dropout": k})[0]  # noqa: E731
+            logits = jax.vmap(apply)(tokens[:, :-1], keys)
         return cross_entropy(logits, tokens[:, 1:], z_loss)
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, {k: m[k] for k in ("loss", "bpc", "z_loss")}
 
 
-def accumulated_grads(params, tokens, model, z_loss):
-    """Mean gradient and metrics over micro-batches tokens [k, b, L+1]: a scan, so the k backward
-    passes share one compiled body and the activations of one micro-batch live at a time."""
+def accumulated_grads(params, tokens, model, z_loss, keys=None):
+    """Mean gradient and metrics over micro-batches tokens [k, b, L+1] (dropout keys [k, b, ...] or
+    None): a scan, so the k backward passes share one compiled body and the activations of one
+    micro-batch live at a time."""
     if tokens.shape[0] == 1:
-        return _grads(params, tokens[0], model, z_loss)
+        return _grads(params, tokens[0], model, z_loss, None if keys is None else keys[0])
 
     def body(total, micro):
-        grads, metrics = _grads(params, micro, model, z_loss)
+        tokens, keys = micro
+        grads, metrics = _grads(params, tokens, model, z_loss, keys)
         return jax.tree.map(jnp.add, total, grads), metrics
 
-    total, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), tokens)
+    total, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (tokens, keys))
     k = tokens.shape[0]
     # Equal micro-batches: the mean of their means is the mean over the whole batch.
     return jax.tree.map(lambda g: g / k, total), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
+def dropout_keys(seed: int, step, shape: tuple[int, int]):
+    """Keys [k, b, 2] for this device's k micro-batches of b sequences, each a function of (seed,
+    step, the sequence's row in the global batch) alone: a resumed run, another device count or
+    another accumulation draws the same masks for the same sequence."""
+    k, b = shape
+    rows = parallel.device_index() * k * b + jnp.arange(k * b)
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM), step)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows).reshape(k, b, -1)
+
+
 def train_step(state: TrainState, control: Control, raw, stop, *, model, tx, schedule, z_loss, table,
-               max_nonfinite):
+               max_nonfinite, seed: int = 0):
     """One update from this device's bytes raw uint8 [k, b, L+1] (k micro-batches), encoded here
     through `table` (byte -> token id). `stop`: this process asks to stop; the step returns whether any
-    process asked, so all processes stop after the same step. Returns (state, control, metrics)."""
-    grads, metrics = accumulated_grads(state.params, table[raw], model, z_loss)
+    process asked, so all processes stop after the same step. `seed` keys dropout (if the model has
+    any). Returns (state, control, metrics)."""
+    keys = dropout_keys(seed, state.step, raw.shape[:2]) if model.cfg.dropout > 0 else None
+    grads, metrics = accumulated_grads(state.params, table[raw], model, z_loss, keys)
     grads, metrics = parallel.pmean((grads, metrics))
     grad_norm = optax.tree_utils.tree_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,10 +1,11 @@
 """The training loop: set up (setup.py) -> step -> periodic work (log, evaluate, save) -> report.
 
 The loop keeps the devices fed: batches are cut on a background thread and go to the devices as
-bytes (encoded there), several steps are in flight on accelerators (exactly one on CPUs, whose
-all-reduce can hang when steps are dispatched back to back: DESIGN.md), the host reads one small
-status vector of each step from one device and the full metrics only of the steps it logs, and a
-checkpoint is copied on the device and written from a background thread while training goes on.
+bytes (encoded there; sentencepiece batches are cut from token ids encoded once), several steps are
+in flight on accelerators (exactly one on CPUs, whose all-reduce can hang when steps are dispatched
+back to back: DESIGN.md), the host reads one small status vector of each step from one device and
+the full metrics only of the steps it logs, and a checkpoint is copied on the device and written
+from a background thread while training goes on.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ class Trainer:
         self.p_eval = evaluate.make_eval_step(run.model)
         vocab, val = run.vocab, run.corpus.val
         self.val_tokens = np.concatenate([
-            vocab.encode(data.get_batch(val, cfg.seed, i, cfg.batch_size, cfg.model.seq_len, jax.process_index(),
-                                        self.n_proc, data.EVAL_STREAM))
+            vocab.table[data.get_batch(run.splits.val, cfg.seed, i, cfg.batch_size, cfg.model.seq_len,
+                                       jax.process_index(), self.n_proc, data.EVAL_STREAM)]
             for i in range(cfg.eval_batches)
         ]) if cfg.eval_interval else None
         self.prompt = vocab.encode(np.frombuffer(data.default_prompt(val, cfg.seed), np.uint8))
@@ -190,13 +191,19 @@ class Trainer:
         run, cfg = self.run, self.cfg
         return parallel.pmap(partial(train_step, model=run.model, tx=run.tx, schedule=run.schedule,
                                      z_loss=cfg.model.z_loss, table=jnp.asarray(run.vocab.table),
-                                     max_nonfinite=cfg.max_nonfinite_steps), donate_state=True)
+                                     max_nonfinite=cfg.max_nonfinite_steps, seed=cfg.seed), donate_state=True)
 
     def make_batch(self, step: int) -> np.ndarray:
         cfg = self.cfg
-        raw = data.get_batch(self.run.corpus.train, cfg.seed, step, cfg.batch_size, cfg.model.seq_len,
+        raw = data.get_batch(self.run.splits.train, cfg.seed, step, cfg.batch_size, cfg.model.seq_len,
                              jax.process_index(), self.n_proc)
         return parallel.shard_micro_batches(raw, self.accum)
+
+    def batch_bytes(self, step: int) -> int:
+        """The bytes of text the targets of step `step`'s whole batch (every process's share) cover."""
+        cfg = self.cfg
+        tokens = data.get_batch(self.run.splits.train, cfg.seed, step, cfg.batch_size, cfg.model.seq_len)
+        return int(np.sum(self.run.vocab.byte_lengths[tokens[:, 1:]], dtype=np.int64))
 
     @staticmethod
     def stop_flags(asked: bool) -> np.ndarray:
@@ -289,6 +296,8 @@ class Trainer:
     def log(self, step: int, metrics) -> None:
         m = {k: v.item() for k, v in parallel.unreplicate({k: metrics[k] for k in (
             "loss", "bpc", "z_loss", "lr", "grad_norm")}).items()}
+        if self.run.vocab.kind == "sentencepiece":  # the step's bpc is per token; per byte is what compares
+            m["bits_per_token"], m["bpc"] = m["bpc"], m["bpc"] * self.tokens_per_step / self.batch_bytes(step - 1)
         elapsed = time.perf_counter() - self.window_start
         # No steady-state figure yet when the window holds only the first (compiling) step.
         tok_s = self.window_steps * self.tokens_per_step / max(elapsed, 1e-9) if self.window_steps else None
@@ -305,6 +314,8 @@ class Trainer:
                 "train/learning_rate": m["lr"], "train/grad_norm": m["grad_norm"],
                 "train/skipped_steps": self.skipped_total, "train/tokens_seen": step * self.tokens_per_step,
             }
+            if "bits_per_token" in m:
+                scalars["train/bits_per_token"] = m["bits_per_token"]
             if tok_s is not None:
                 scalars["train/tokens_per_second"] = tok_s
             self.writer.scalars(step, scalars)
@@ -324,9 +335,12 @@ class Trainer:
             self.last_evaluated = step
             rparams = self.rstate.params
             result = evaluate.score(self.p_eval, rparams, self.val_tokens,
-                                    np.ones(self.val_tokens[:, 1:].shape, np.float32), self.local_batch)
+                                    np.ones(self.val_tokens[:, 1:].shape, np.float32), self.local_batch,
+                                    self.run.vocab.byte_lengths)
             if self.writer:
-                self.writer.scalars(step, {"val/loss": result["loss"], "val/bpc": result["bpc"]})
+                # val/bpc is bits per byte for every tokenizer (for byte and char ids the same as per token).
+                self.writer.scalars(step, {"val/loss": result["loss"], "val/bpc": result["bits_per_byte"],
+                                           "val/bits_per_token": result["bits_per_token"]})
                 if self.cfg.sample_length:
                     ids = sampling.generate(parallel.first_replica(rparams), self.cfg.model, self.prompt,
                                             self.cfg.sample_length, jax.random.PRNGKey(step), temperature=0.8)
@@ -334,7 +348,9 @@ class Trainer:
                     text = (vocab.decode(self.prompt) + vocab.decode(ids[0])).decode("utf-8", errors="replace")
                     self.writer.text(step, "samples/val_prompt", "    " + text.replace("\n", "\n    "))
                 self.writer.flush()
-            self.say(f"step {step}: val loss {result['loss']:.4f}, val bpc {result['bpc']:.4f}")
+            sentencepiece = self.run.vocab.kind == "sentencepiece"
+            per_token = f" ({result['bits_per_token']:.4f} bits per token)" if sentencepiece else ""
+            self.say(f"step {step}: val loss {result['loss']:.4f}, val bpc {result['bits_per_byte']:.4f}{per_token}")
 
     def save(self, step: int) -> None:
         """Checkpoint this step without holding up training for the copy to the host: the state is copied

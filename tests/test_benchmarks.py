@@ -115,3 +115,29 @@ def test_bench_loader(tmp_path):
     # into an array instead would add the whole 16 MiB; batches of 8 x 65 bytes add nothing visible.
     assert number(r"anonymous memory added by loading and batching: ([+-][\d.]+) MiB", out) < size_mb / 2
     assert list(tmp_path.iterdir()) == []  # its temporary corpus is removed
+
+
+def test_family(tmp_path):
+    """Four tiny models through train_char.py and eval_char.py: a row of parameters, tokens/s and bits
+    per byte for each, a number for every window of palm, palm-lite and lamda, eval_char.py's refusal
+    for gpt past its 16 learned positions, and the reports behind the tables (L and S as asked, every
+    val byte but the first scored at each length)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((b"It was the best of times, it was the worst of times, it was the age of wisdom. " * 300))
+    out = run_benchmark("family.py", "--data", corpus, "--dim", 32, "--depth", 1, "--heads", 2,
+                        "--dim-head", 16, "--seq-len", 16, "--batch", 8, "--steps", 2, "--eval-batch", 8,
+                        "--stride", 8, "--json", tmp_path / "r.json", devices=1, cwd=tmp_path)
+    number_cell = r"\d+\.\d{3}"
+    assert re.search(rf"^\| palm-lite \(alibi\) \| {number_cell} \| {number_cell} \(\+?-?\d\.\d{{3}}\) \| ", out, re.M), out
+    assert re.search(rf"^\| palm \(rotary\) \| {number_cell} \| {number_cell} ", out, re.M), out
+    assert re.search(rf"^\| gpt \(learned\) \| {number_cell} \| refused \| refused \|$", out, re.M), out
+    assert re.search(rf"^\| lamda \(t5\) \| {number_cell} \| {number_cell} ", out, re.M), out
+    for variant in ("palm (rotary)", "palm-lite (alibi)", "lamda (t5)", "gpt (learned)"):
+        assert re.search(rf"^\| {re.escape(variant)} \| [\d,]+ \| [\d,]+ \| {number_cell} \|$", out, re.M), out
+    assert "gpt at 32: error: --eval-seq-len 32: scoring windows longer than seq_len needs a position scheme" in out
+    reports = json.loads((tmp_path / "r.json").read_text())["reports"]
+    for variant in ("palm-lite", "palm", "lamda"):
+        for length in (16, 32, 64):
+            r = reports[variant][str(length)]
+            assert (r["eval_seq_len"], r["stride"]) == (length, 8)
+            assert r["bytes_scored"] == r["split_bytes"] - 1 and 0 < r["bits_per_byte"] < 10

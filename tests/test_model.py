@@ -4,11 +4,24 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mingpt_palm.config import ModelConfig
-from mingpt_palm.model import PaLM, cross_entropy, init_cache
+from mingpt_palm.model import VARIANTS, PaLM, cross_entropy, init_cache, kv_heads, relative_positions
 
 CFG = ModelConfig(seq_len=16, dim=32, depth=2, heads=4, dim_head=8)
+# Every variant, and gpt with sinusoidal positions (the other absolute scheme).
+ALL = [dataclasses.replace(CFG, variant=v) for v in VARIANTS] + [
+    dataclasses.replace(CFG, variant="gpt", position="sinusoidal")]
+RELATIVE = [cfg for cfg in ALL if relative_positions(cfg)]
+
+
+def _id(cfg):
+    return cfg.variant + ("" if cfg.position == "auto" else f"-{cfg.position}")
+
+
+each_variant = pytest.mark.parametrize("cfg", ALL, ids=_id)
+each_relative = pytest.mark.parametrize("cfg", RELATIVE, ids=_id)
 
 
 def _params(cfg=CFG):
@@ -27,38 +40,41 @@ def _bump(tokens, t):
     return tokens.at[..., t].set((tokens[..., t] + 1) % 256)
 
 
-def test_causality():
-    params = _params()
+@each_variant
+def test_causality(cfg):
+    params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 256)
-    base, _ = _apply(CFG, params, tokens)
+    base, _ = _apply(cfg, params, tokens)
     for t in (0, 5, 14):
         changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 7) % 256)
-        logits, _ = _apply(CFG, params, changed)
+        logits, _ = _apply(cfg, params, changed)
         np.testing.assert_array_equal(logits[:, : t + 1], base[:, : t + 1])
         assert not np.allclose(logits[:, t + 1 :], base[:, t + 1 :])
 
 
-def test_rows_of_a_batch_are_independent():
+@each_variant
+def test_rows_of_a_batch_are_independent(cfg):
     """Changing one sequence of a batch leaves every other sequence's logits bit for bit unchanged:
     a norm, mask or attention contraction over the wrong axis would mix sequences."""
-    params = _params()
+    params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(5), (4, 16), 0, 256)
-    base, _ = _apply(CFG, params, tokens)
+    base, _ = _apply(cfg, params, tokens)
     changed = tokens.at[2].set((tokens[2] + 1) % 256)  # same shapes: one compilation, same kernels
-    logits, _ = _apply(CFG, params, changed)
+    logits, _ = _apply(cfg, params, changed)
     for row in (0, 1, 3):
         np.testing.assert_array_equal(logits[row], base[row])
     assert not np.allclose(logits[2], base[2])
 
 
-def test_leading_batch_dims():
-    params = _params()
+@each_variant
+def test_leading_batch_dims(cfg):
+    params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 3, 16), 0, 256)
-    logits, _ = _apply(CFG, params, tokens)
+    logits, _ = _apply(cfg, params, tokens)
     assert logits.shape == (2, 3, 16, 256)
-    flat, _ = _apply(CFG, params, tokens.reshape(6, 16))
+    flat, _ = _apply(cfg, params, tokens.reshape(6, 16))
     np.testing.assert_allclose(logits.reshape(6, 16, 256), flat, atol=1e-5)
-    single, _ = _apply(CFG, params, tokens[1, 2])
+    single, _ = _apply(cfg, params, tokens[1, 2])
     assert single.shape == (16, 256)
     np.testing.assert_allclose(single, logits[1, 2], atol=1e-5)
 
@@ -91,25 +107,27 @@ def test_cross_entropy_and_z_loss():
     np.testing.assert_allclose(total, ce + 1e-4 * np.mean(np.asarray(lse) ** 2), rtol=1e-6)
 
 
-def test_cached_logits_equal_full_forward():
+@each_variant
+def test_cached_logits_equal_full_forward(cfg):
     """Prompt in one pass, then one token at a time through the cache, against one full forward.
 
     Tolerance 1e-5 absolute: float32 logits of order 1 computed by differently shaped matmuls
     (1 query row vs 16) differ by rounding only, ~1e-6 here.
     """
-    params = _params()
+    params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(3), (3, 16), 0, 256)
-    full, _ = _apply(CFG, params, tokens)
-    cache = init_cache(CFG, (3,))
-    logits, cache = _apply(CFG, params, tokens[:, :6], jnp.arange(6), cache)
+    full, _ = _apply(cfg, params, tokens)
+    cache = init_cache(cfg, (3,))
+    logits, cache = _apply(cfg, params, tokens[:, :6], jnp.arange(6), cache)
     outs = [logits]
     for t in range(6, 16):
-        logits, cache = _apply(CFG, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
+        logits, cache = _apply(cfg, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
 
 
-def test_cache_slides_past_seq_len_exactly_like_the_full_forward():
+@each_relative
+def test_cache_slides_past_seq_len_exactly_like_the_full_forward(cfg):
     """3 x seq_len tokens fed one at a time through the cache, against ONE full forward over all of
     them. The attention mask admits only keys with 0 <= query - key < seq_len, so a full forward
     over more than seq_len positions is the sliding-window model, and the cache (seq_len slots,
@@ -120,19 +138,20 @@ def test_cache_slides_past_seq_len_exactly_like_the_full_forward():
     up to ~5). A cache that kept one position too few or too many, wrote the wrong slot, or read
     an overwritten one changes logits by ~1e-2 or more.
     """
-    params = _params()
-    n = 3 * CFG.seq_len
+    params = _params(cfg)
+    n = 3 * cfg.seq_len
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, n), 0, 256)
-    full, _ = _apply(CFG, params, tokens)
-    cache = init_cache(CFG, (2,))
+    full, _ = _apply(cfg, params, tokens)
+    cache = init_cache(cfg, (2,))
     outs = []
     for t in range(n):
-        logits, cache = _apply(CFG, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
+        logits, cache = _apply(cfg, params, tokens[:, t : t + 1], jnp.arange(t, t + 1), cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
 
 
-def test_attention_window_is_exactly_seq_len():
+@each_relative
+def test_attention_window_is_exactly_seq_len(cfg):
     """In a full forward over 3 x seq_len tokens, one block's logits at position t depend on tokens
     t - seq_len + 1 .. t and on nothing earlier (bit for bit): the window training and cached
     generation share. Through `depth` blocks the reach compounds: each key was computed from its
@@ -141,10 +160,10 @@ def test_attention_window_is_exactly_seq_len():
     "Changes" means by more than 1e-4 (measured 1e-2 to 0.3): far above float32 rounding, which is
     0 here anyway, since the other positions' inputs are bit for bit the same.
     """
-    n = 3 * CFG.seq_len
+    base_cfg, n = cfg, 3 * cfg.seq_len
     tokens = jax.random.randint(jax.random.PRNGKey(6), (2, n), 0, 256)
     for depth in (1, 2):
-        cfg = dataclasses.replace(CFG, depth=depth)
+        cfg = dataclasses.replace(base_cfg, depth=depth)
         params = _params(cfg)
         base, _ = _apply(cfg, params, tokens)
         reach = depth * (cfg.seq_len - 1)  # the farthest token back that position t can see
@@ -155,7 +174,8 @@ def test_attention_window_is_exactly_seq_len():
             np.testing.assert_array_equal(outside[:, t], base[:, t], err_msg=f"depth {depth}, t {t}")
 
 
-def test_logits_depend_only_on_relative_positions():
+@each_relative
+def test_logits_depend_only_on_relative_positions(cfg):
     """Rotary embeddings make attention scores a function of query - key alone: the same tokens at
     positions offset..offset + T - 1 give the same logits for any offset.
 
@@ -164,16 +184,19 @@ def test_logits_depend_only_on_relative_positions():
     by at most that order (measured 4e-6). Rotating q and k by different positions, or a wrong
     rotation (one that is not orthogonal, mixing the wrong pairs), moves them by 1e-2 or more.
     """
-    params = _params()
-    tokens = jax.random.randint(jax.random.PRNGKey(7), (2, CFG.seq_len), 0, 256)
-    positions = jnp.arange(CFG.seq_len)
-    base, _ = _apply(CFG, params, tokens, positions)
+    params = _params(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (2, cfg.seq_len), 0, 256)
+    positions = jnp.arange(cfg.seq_len)
+    base, _ = _apply(cfg, params, tokens, positions)
     for offset in (37, 1000):
-        shifted, _ = _apply(CFG, params, tokens, positions + offset)
+        shifted, _ = _apply(cfg, params, tokens, positions + offset)
         np.testing.assert_allclose(shifted, base, atol=1e-4, rtol=0, err_msg=f"offset {offset}")
 
 
-def test_cache_is_small():
-    cache = init_cache(CFG, (1,))
+@each_variant
+def test_cache_is_small(cfg):
+    cache = init_cache(cfg, (1,))
     per_layer = cache["layers"][0]["k"].size + cache["layers"][0]["v"].size
-    assert per_layer == 2 * CFG.seq_len * CFG.dim_head  # one key head, one value head (multi-query)
+    # One key head and one value head (multi-query), or one per query head (gpt's multi-head).
+    assert per_layer == 2 * cfg.seq_len * cfg.dim_head * (cfg.heads if cfg.variant == "gpt" else 1)
+    assert kv_heads(cfg) == (cfg.heads if cfg.variant == "gpt" else 1)

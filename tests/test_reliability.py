@@ -502,7 +502,7 @@ BAD_INPUT = {
     "restore with another split": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.val-fraction", 0.1],
                                    ["data.val_fraction: 0.05 saved vs 0.1 given"]),
     "restore with another vocabulary": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.vocab", "char"],
-                                        ["data.vocab: 'byte' saved vs 'char' given"]),
+                                        ["data.tokenizer: 'byte' saved vs 'char' given"]),
     "restore with another corpus": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--dataset-path",
                                                       "smallval.txt"],
                                     ["smallval.txt is not the corpus experiments/base was trained on",

@@ -1,0 +1,122 @@
+"""How big a model is, from its shapes alone: parameters, the bytes they and Adam's state take, and
+the training FLOPs per token. `python train_char.py --preset palm-540b --print-params` prints them.
+
+FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, where N counts the
+parameters of every matmul a token goes through: every dense kernel plus vocab x dim for the tied
+head (the input lookup, position tables, norms and biases are no matmul); L depth, H heads, Q
+dim_head, T seq_len, attention counted over the whole T x T square as in the paper. Model FLOPs,
+not hardware FLOPs: rematerialisation is not counted. benchmarks/bench_train.py uses the same count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from mingpt_palm import presets
+from mingpt_palm.config import ModelConfig, TrainConfig, validate_train
+from mingpt_palm.state import build
+
+
+def matmul_params(params) -> tuple[int, int, int]:
+    """(dense kernel, tied head, other) parameter counts of a parameter tree (arrays or shapes).
+
+    By leaf name: `kernel` is a dense projection, embed/embedding the token table that the tied head
+    multiplies by (its matmul is real work); anything else (norm scales, biases, position tables) is no
+    matmul."""
+    sizes = {"kernel": 0, "head": 0, "other": 0}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        kind = "kernel" if keys[-1] == "kernel" else "head" if keys == ("embed", "embedding") else "other"
+        sizes[kind] += int(np.prod(leaf.shape))
+    return sizes["kernel"], sizes["head"], sizes["other"]
+
+
+def attention_flops(m: ModelConfig) -> int:
+    """12 L H Q T: the score and value matmuls of one token over a whole window, forward and backward."""
+    return 12 * m.depth * m.heads * m.dim_head * m.seq_len
+
+
+def flops_per_token(params, m: ModelConfig) -> int:
+    dense, head, _ = matmul_params(params)
+    return 6 * (dense + head) + attention_flops(m)
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+COUNT_UNITS, SI_UNITS = ("", "K", "M", "B", "T"), ("", "K", "M", "G", "T", "P")
+
+
+def human(n: float, sep: str = "", units=COUNT_UNITS) -> str:
+    """540354281472 -> '540.35B': two decimals in the largest unit (thousands) it reaches."""
+    i = 0
+    while abs(n) >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.2f}{sep}{units[i]}" if i else f"{n:g}{sep}"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+
+
+def sizes(cfg: TrainConfig) -> dict:
+    """The figures of cfg's model and optimizer, from jax.eval_shape of their initialisation."""
+    abstract = build(cfg)[4]
+    dense, head, other = matmul_params(abstract.params)
+    param_bytes, adam_bytes = nbytes(abstract.params), nbytes(abstract.opt_state)
+    return {"params": dense + head + other, "matmul_params": dense + head, "param_bytes": param_bytes,
+            "adam_bytes": adam_bytes, "attention_flops": attention_flops(cfg.model),
+            "flops_per_token": 6 * (dense + head) + attention_flops(cfg.model)}
+
+
+def dry_run_vocabulary(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """cfg with the vocabulary size a dry run counts with (it reads no corpus), and where that size comes
+    from. A run sets num_tokens from its corpus's vocabulary instead."""
+    m, d = cfg.model, cfg.data
+    later = "a run sets it from its corpus"
+    if cfg.restore_checkpoint or cfg.restore_step is not None:
+        return cfg, f"{m.num_tokens:,} tokens (the experiment's vocabulary)"
+    if cfg.init_from is not None:
+        return cfg, f"{m.num_tokens:,} tokens ({cfg.init_from}'s vocabulary)"
+    if d.tokenizer == "sentencepiece":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, num_tokens=d.vocab_size))
+        return cfg, f"{d.vocab_size:,} tokens (--data.vocab-size of the sentencepiece tokenizer)"
+    preset = presets.PRESETS.get(cfg.preset)
+    if preset is not None and m.num_tokens == preset.model.get("num_tokens"):
+        return cfg, f"{m.num_tokens:,} tokens (the preset's; {later}: 256 for --data.tokenizer byte)"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, num_tokens=256))
+    if d.tokenizer == "char":
+        return cfg, ("256 tokens (a guess: --data.tokenizer char has one per distinct byte of the corpus, plus "
+                     "one, which a dry run does not read)")
+    return cfg, f"256 tokens (the byte tokenizer's; {later})"
+
+
+def print_params(cfg: TrainConfig) -> int:
+    """--print-params: what cfg's model would be, said from shapes, before anything is read or written."""
+    validate_train(cfg)
+    cfg, vocab = dry_run_vocabulary(cfg)
+    m, preset = cfg.model, presets.PRESETS.get(cfg.preset)
+    s = sizes(cfg)
+    name = f"preset {cfg.preset}: {preset.source}; " if preset else ""
+    print(f"model: {name}variant {m.variant}, dim {m.dim:,}, depth {m.depth}, heads {m.heads} x {m.dim_head}, "
+          f"ff_mult {m.ff_mult}, seq_len {m.seq_len:,}, vocabulary {vocab}")
+    reported = ""
+    if preset is not None and preset.reported_params and dataclasses.replace(m, **preset.model) == m:
+        ratio = s["params"] / preset.reported_params - 1
+        reported = f"; reported: {human(preset.reported_params)} ({100 * ratio:+.2f}%)"
+    print(f"parameters: {s['params']:,} ({human(s['params'])}){reported}")
+    total = s["param_bytes"] + s["adam_bytes"]
+    print(f"memory: parameters {s['param_bytes']:,} bytes ({human_bytes(s['param_bytes'])}, float32) + Adam state "
+          f"{s['adam_bytes']:,} bytes ({human_bytes(s['adam_bytes'])}, two float32 moments) = {total:,} bytes "
+          f"({human_bytes(total)}), before activations")
+    print(f"FLOPs per token (training, 6N + 12*L*H*Q*T): 6 x {s['matmul_params']:,} matmul parameters + "
+          f"{s['attention_flops']:,} attention = {s['flops_per_token']:,} ({human(s['flops_per_token'], ' ', SI_UNITS)}FLOP)")
+    print("dry run: shapes from jax.eval_shape; nothing was allocated, read or written")
+    return 0

@@ -1,0 +1,172 @@
+"""The parts the model is assembled from: norms, position schemes, attention, feed-forwards.
+
+Each is a small function or module with no knowledge of which family uses it; `model.py` combines
+them per variant (MaxText's "one model from configurable parts"). Shapes: x [..., T, dim]; queries
+[..., T, H, D]; keys and values [..., S, K, D] with K key/value heads (1 = multi-query).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --- norms ------------------------------------------------------------------------------------
+
+
+def norm(kind: str, name: str) -> nn.Module:
+    """layernorm: PaLM's (scale only, no bias). layernorm_bias: GPT-2's. rmsnorm: PaLM-lite's (scale
+    only, no mean subtraction). Always float32: a bfloat16 variance loses the small features."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dtype=jnp.float32, name=name)
+    return nn.LayerNorm(use_bias=kind == "layernorm_bias", dtype=jnp.float32, name=name)
+
+
+# --- positions --------------------------------------------------------------------------------
+
+
+def rotary_tables(positions: jax.Array, dim_head: int):
+    """(cos, sin) [T, dim_head] for rotate-half rotary embeddings, computed once per forward pass."""
+    half = dim_head // 2
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, half]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotary(x: jax.Array, tables) -> jax.Array:
+    """Rotate pairs of features (rotate-half layout) of x [..., T, H, D]: each half i is paired with
+    i + D/2 and turned by angle position * freq_i.
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) is a signed permutation applied
+    as a D x D matmul: exact (one nonzero per column), and on CPUs far cheaper than the concatenate
+    that splitting and re-joining the halves costs in the forward and again in the backward pass.
+    """
+    cos, sin = tables[0][:, None, :], tables[1][:, None, :]  # broadcast over heads
+    d = x.shape[-1]
+    half = d // 2
+    perm = jnp.zeros((d, d), jnp.float32)
+    perm = perm.at[jnp.arange(half) + half, jnp.arange(half)].set(-1.0).at[jnp.arange(half), jnp.arange(half) + half].set(1.0)
+    xf = x.astype(jnp.float32)
+    rotated = jnp.matmul(xf, perm, precision=jax.lax.Precision.HIGHEST)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def alibi_slopes(heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes (Press et al. 2022, section 3 and their reference code): for n a power
+    of two the geometric sequence 2^(-8i/n), i = 1..n; otherwise the n' = 2^floor(log2 n) slopes of n',
+    then every other slope of 2n' until there are n."""
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    lower = 2 ** int(math.floor(math.log2(heads)))
+    slopes = power_of_two(lower) + power_of_two(2 * lower)[0::2][: heads - lower]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(positions, key_positions, heads: int) -> jax.Array:
+    """[H, T, S] float32: -slope_h * (query position - key position). Only distances enter, so a key
+    keeps its bias wherever the window starts: the cache can slide and windows can be longer."""
+    distance = (positions[:, None] - key_positions[None, :]).astype(jnp.float32)
+    return -jnp.asarray(alibi_slopes(heads))[:, None, None] * distance
+
+
+def t5_bucket(distance, num_buckets: int = 32, max_distance: int = 128):
+    """T5's causal relative-position bucket of distance = query - key >= 0 (Raffel et al. 2020;
+    mesh_tensorflow `_relative_position_bucket` with bidirectional=False): distances below
+    num_buckets/2 get a bucket each, larger ones share log-spaced buckets up to max_distance, and
+    everything farther shares the last bucket."""
+    n = jnp.maximum(distance, 0)
+    exact = num_buckets // 2
+    # log of 0 is never taken: small distances are routed around it (the reference computes it and
+    # throws it away, which is harmless in torch but a NaN gradient waiting to happen in jax).
+    safe = jnp.maximum(n, exact).astype(jnp.float32)
+    large = exact + (jnp.log(safe / exact) / math.log(max_distance / exact) * (num_buckets - exact)).astype(jnp.int32)
+    return jnp.where(n < exact, n, jnp.minimum(large, num_buckets - 1))
+
+
+class RelativeBias(nn.Module):
+    """T5 relative position bias [H, T, S]: one learned scalar per (bucket, head).
+
+    One table for the whole model, as T5 does (Raffel et al. 2020, section 2.1: "we share the position
+    embedding parameters across all layers"): 32 x heads numbers need no per-layer copies, and it is
+    computed once per forward pass. (The LaMDA reference gives each layer its own, scaled by
+    sqrt(dim_head); with Adam that scale only multiplies the table's learning rate.) Zero at init:
+    the model starts position-blind and learns what distances matter.
+    """
+
+    heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    @nn.compact
+    def __call__(self, positions, key_positions):
+        table = self.param("table", nn.initializers.zeros, (self.num_buckets, self.heads), jnp.float32)
+        buckets = t5_bucket(positions[:, None] - key_positions[None, :], self.num_buckets, self.max_distance)
+        return jnp.transpose(table[buckets], (2, 0, 1))
+
+
+def sinusoidal(positions, dim: int) -> jax.Array:
+    """[T, dim] fixed absolute positions (Vaswani et al. 2017, section 3.5): sines in the first half,
+    cosines in the second, wavelengths from 2pi to 10000 * 2pi."""
+    half = dim // 2
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+# --- attention --------------------------------------------------------------------------------
+
+
+def attend(q, k, v, positions, key_positions, *, context: int, implementation: str, contiguous: bool,
+           bias=None, dropout=None):
+    """Causal attention: q [..., T, H, D] over keys/values [..., S, K, D] -> [..., T, H, D].
+
+    A query attends to keys at positions p with 0 <= query - p < context (causal, and never farther back
+    than `context`). `contiguous`: keys are the queries' own positions 0..T-1, so the mask is plain
+    causal (a sliding window past `context`), which fused kernels compute without materialising it;
+    otherwise (a cache) it is built from the positions. K < H key heads are passed as they are: jax
+    groups the query heads over them without copying, and its XLA path accumulates scores and softmax
+    in float32 whatever the compute dtype. `bias` [H, T, S] (ALiBi, T5) is added to the scores.
+    `dropout(weights)` drops attention weights; jax's fused function has no such hook, so then the
+    weights are computed here.
+    """
+    lead, (t, h, d), (s, kh) = q.shape[:-3], q.shape[-3:], k.shape[-3:-1]
+    q4, k4, v4 = q.reshape(-1, t, h, d), k.reshape(-1, s, kh, d), v.reshape(-1, s, kh, d)
+    bias4 = None if bias is None else bias[None].astype(jnp.float32)
+    if contiguous and dropout is None:
+        window = (context - 1, 0) if t > context else None
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, is_causal=True, local_window_size=window,
+                                           implementation=implementation if window is None else "xla")
+        return out.reshape(*lead, t, h, d)
+    delta = positions[:, None] - key_positions[None, :]
+    allowed = (key_positions[None, :] >= 0) & (delta >= 0) & (delta < context)
+    if dropout is None:
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=allowed[None, None], implementation="xla")
+        return out.reshape(*lead, t, h, d)
+    return _attend_with_dropout(q4, k4, v4, bias4, allowed, dropout).reshape(*lead, t, h, d)
+
+
+def _attend_with_dropout(q, k, v, bias, allowed, dropout):
+    """The same scores as jax.nn.dot_product_attention's XLA path (float32, scaled by 1/sqrt(D)), with
+    dropout on the normalised weights (GPT-2's attn_pdrop)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+# --- feed-forwards ----------------------------------------------------------------------------
+
+
+def gated(kind: str, gate, up):
+    """SwiGLU (PaLM: swish(gate) * up) or GeGLU (LaMDA: gelu(gate) * up; Shazeer 2020)."""
+    return (nn.swish(gate) if kind == "swiglu" else nn.gelu(gate, approximate=False)) * up
