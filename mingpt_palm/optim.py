@@ -15,12 +15,16 @@ def decay_mask(params):
     else here), not by a substring of its path. Returns (mask, names of the decayed parameters).
     """
     mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-    names = [
-        "/".join(k.key for k in path)
-        for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
-        if decayed
-    ]
-    return mask, names
+    return mask, _names(mask, True)
+
+
+def not_decayed(params) -> list[str]:
+    """Names of the parameters decay_mask leaves alone (biases, norm scales, embeddings, position tables)."""
+    return _names(decay_mask(params)[0], False)
+
+
+def _names(mask, decayed: bool) -> list[str]:
+    return ["/".join(k.key for k in path) for path, d in jax.tree_util.tree_leaves_with_path(mask) if d == decayed]
 
 
 def lr_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:

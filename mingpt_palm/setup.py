@@ -29,7 +29,7 @@ from mingpt_palm import data, parallel, tokenizers
 from mingpt_palm.config import TrainConfig, UserError
 from mingpt_palm.experiment import Experiment
 from mingpt_palm.model import PaLM, attention_implementation, compute_dtype, param_count
-from mingpt_palm.optim import lr_schedule
+from mingpt_palm.optim import lr_schedule, not_decayed
 from mingpt_palm.state import TrainState, build, init_state
 
 
@@ -383,9 +383,7 @@ def announce(run: Run) -> None:
               f"{learned if 'train_seconds' in v.info else ''}; train split {len(train):,} tokens, "
               f"{len(c.train) / max(len(train), 1):.3f} bytes/token")
     print(f"weight decay on {len(run.decayed)} kernels: {', '.join(run.decayed)}")
-    kept = [jax.tree_util.keystr(path, simple=True, separator="/")
-            for path, _ in jax.tree_util.tree_leaves_with_path(run.state.params)]
-    kept = [name for name in kept if name not in set(run.decayed)]
+    kept = not_decayed(run.state.params)
     print(f"no weight decay on {len(kept)} biases, norm scales, embeddings and position tables: {', '.join(kept)}")
     for note in run.notes:
         print(note)

@@ -104,6 +104,12 @@ def test_variant_trains_resumes_bit_exact_and_matches_one_device(variant, shakes
             "--model.variant", variant, *FAMILY[variant]]
     proc = run_cli("train_char.py", *args, "--experiment-name", "four", devices=4)
     assert f"model: {variant}," in proc.stdout
+    # The printed mask: kernels decayed; biases, norms, the embedding and position tables not.
+    decayed = next(line for line in proc.stdout.splitlines() if line.startswith("weight decay on "))
+    kept = next(line for line in proc.stdout.splitlines() if line.startswith("no weight decay on "))
+    assert all(name.endswith("/kernel") for name in decayed.split(": ", 1)[1].split(", ")), decayed
+    assert "embed/embedding" in kept and "final_norm/scale" in kept and "kernel" not in kept, kept
+    assert ("pos_embed/embedding" in kept) == (variant == "gpt") and ("rel_bias/table" in kept) == (variant == "lamda")
     run_cli("train_char.py", *args, "--experiment-name", "one", devices=1)
     losses = [v for _, v in read_scalars(tmp_path / "four" / "tb")["train/loss"]]
     assert losses[-1] < losses[0] - 0.5, losses  # ~5.5 -> ~3.3 measured
