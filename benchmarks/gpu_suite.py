@@ -1,17 +1,24 @@
-"""Everything this project measures on a GPU, in one command (made for the lent H100/H200 machine).
+"""Everything this project measures on a GPU, in one command that fits a short lease of the machine.
 
-1. bench_train.py --preset gpt2-small in bfloat16: each attention implementation (xla, cudnn), with
-   and without remat, at growing batch sizes until one does not fit (the last that fits is kept).
-2. The other variants (palm-lite, lamda, gpt) at the best batch and remat of step 1, attention auto,
-   and palm-lite and lamda (score-bias schemes) again with cuDNN, whose bias path only a GPU can run.
-3. train_char.py end to end for --train-steps steps on a generated corpus (random printable bytes,
-   the gpt2-small shape, the best batch and attention of step 1), its logged tokens/s (which leaves
-   out compilation, evaluation and checkpoints) beside the benchmark's figure for the same settings.
+The lent GPU machine gives a session 15 minutes in all, its start-up included, and 10 minutes a
+command; gpt2-small compiles in tens of seconds per configuration. So the runs go in order of what
+matters most, each a fresh bench_train.py process (an out-of-memory run cannot poison the next, and
+each reports its own peak memory), inside a wall-clock budget (--budget-s): a run whose expected
+length (the median of the runs so far) no longer fits is skipped and named, and summary.json is
+rewritten after every run, so whatever the budget allowed is on disk even if the command is cut off.
 
-Prints a table and writes every figure to --out (a folder: one JSON per run, and summary.json).
+1. gpt2-small in bfloat16 at --batch with cuDNN's fused attention (with the backward/forward ratio),
+   then with XLA's attention: the headline MFU and the kernel comparison.
+2. Larger batches (--more-batches) with the faster kernel, until one does not fit or gains < 3%.
+3. remat dots and block at the best batch: the memory they save and the time they cost.
+4. train_char.py end to end (--train-steps, a generated corpus, the best settings): its logged tokens/s
+   (which leave out compilation, evaluation and checkpoints) beside the benchmark's for the same step.
+5. The other variants (palm-lite, lamda, gpt) at the best settings, attention auto, and palm-lite and
+   lamda (score-bias schemes) with cuDNN, whose bias path only a GPU can run.
 
-  python benchmarks/gpu_suite.py --out /tmp/gpu                         # on the GPU machine
-  JAX_PLATFORMS=cpu python benchmarks/gpu_suite.py --tiny --out /tmp/x   # the same path, in seconds, on a CPU
+  bash benchmarks/fetch_gpu_wheels.sh                 # here, once: tyro and its needs into .whl/
+  python benchmarks/gpu_suite.py --out $OUT           # there (README, "Measured figures", the full call)
+  JAX_PLATFORMS=cpu python benchmarks/gpu_suite.py --tiny --out /tmp/x   # the same path in seconds on a CPU
 """
 
 from __future__ import annotations
@@ -19,108 +26,194 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "32", "--windows", "2",
-        "--steps", "2", "--warmup", "1", "--calibration-size", "128", "--no-ratio"]
+        "--steps", "2", "--warmup", "1", "--calibration-size", "128", "--dtype", "float32"]
+MIN_GAIN = 1.03  # a larger batch must buy at least this much throughput to be worth its memory
+FIRST_RUN_S = 90.0  # what a first gpt2-small run is expected to take before any has been timed
 
 
-def bench(out: Path, name: str, args: list[str]) -> dict | None:
-    path = out / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), *args, "--json", str(path)],
-                          capture_output=True, text=True)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"  {name}: failed ({last[:160]})", flush=True)
+class Suite:
+    """The budget, the results so far, and summary.json (rewritten after every run)."""
+
+    def __init__(self, out: Path, runs: Path, budget_s: float, tiny: bool):
+        self.out, self.runs, self.budget_s, self.tiny = out, runs, budget_s, tiny
+        self.start = time.monotonic()
+        self.durations: list[float] = []
+        self.summary: dict = {"budget_s": budget_s, "runs": [], "variants": [], "skipped": [], "failed": []}
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def fits(self, name: str) -> bool:
+        expected = statistics.median(self.durations) if self.durations else min(FIRST_RUN_S, self.budget_s)
+        if self.remaining() < expected:
+            print(f"  {name}: skipped ({max(0.0, self.remaining()):.0f} s of the budget left, a run takes ~{expected:.0f} s)",
+                  flush=True)
+            self.summary["skipped"].append(name)
+            self.save()
+            return False
+        return True
+
+    def call(self, name: str, argv: list[str]) -> subprocess.CompletedProcess | None:
+        """Runs argv within what is left of the budget; None (and the reason recorded) if it fails."""
+        if not self.fits(name):
+            return None
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                                  timeout=max(1.0, self.remaining()))
+        except subprocess.TimeoutExpired as e:
+            # (the captured output of a timed-out run comes back as bytes, text=True or not)
+            err = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+            (self.runs / f"{name}.log").write_text(err)
+            return self._fail(name, f"{err}\ncut off at the end of the budget after {time.monotonic() - t0:.0f} s")
+        (self.runs / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:  # a refusal takes seconds: it would make the estimate a lie
+            return self._fail(name, proc.stderr)
+        self.durations.append(time.monotonic() - t0)
+        return proc
+
+    def _fail(self, name: str, stderr: str) -> None:
+        lines = stderr.strip().splitlines() or ["?"]
+        print(f"  {name}: failed ({lines[-1][:200]})", flush=True)
+        # The runs' logs may stay on the lent machine: the end of the error travels in the summary.
+        self.summary["failed"].append({"name": name, "why": lines[-1], "stderr_tail": lines[-30:]})
+        self.save()
         return None
-    r = json.loads(path.read_text())
-    print(f"  {name}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU "
-          f"{100 * r['mfu_measured']:.1f}% measured / "
-          + (f"{100 * r['mfu_datasheet']:.1f}% datasheet" if r["mfu_datasheet"] else "n/a datasheet")
-          + f", peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB, compile {r['compile_s']:.1f} s", flush=True)
-    return r
+
+    def bench(self, name: str, args: list[str], ratio: bool = False) -> dict | None:
+        path = self.runs / f"{name}.json"
+        base = ["--preset", "gpt2-small", "--dtype", "bfloat16"] + (TINY if self.tiny else [])
+        argv = [str(ROOT / "benchmarks" / "bench_train.py"), *base, *args, "--json", str(path)]
+        if self.call(name, argv + ([] if ratio else ["--no-ratio"])) is None:
+            return None
+        r = json.loads(path.read_text()) | {"name": name}
+        print(f"  {name}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU "
+              f"{100 * r['mfu_measured']:.1f}% measured / "
+              + (f"{100 * r['mfu_datasheet']:.1f}% datasheet" if r["mfu_datasheet"] else "n/a datasheet")
+              + f", peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB, compile {r['compile_s']:.1f} s"
+              + (f", backward/forward {r['bwd_over_fwd']:.2f}" if r["bwd_over_fwd"] else ""), flush=True)
+        return r
+
+    def save(self) -> None:
+        self.summary["elapsed_s"] = time.monotonic() - self.start
+        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
 
 
-def sweep(out: Path, tiny: bool, batches: list[int]) -> list[dict]:
+def attention_and_batches(suite: Suite, batch: int, more: list[int]) -> list[dict]:
+    """Steps 1-2: each kernel at the first batch, then larger batches with the faster one."""
+    runs = []
+    for attention in ("cudnn", "xla"):
+        r = suite.bench(f"gpt2-small_{attention}_none_b{batch}", ["--attention", attention, "--batch", str(batch)],
+                        ratio=not runs)
+        runs += [r] if r else []
+    if not runs:
+        return runs
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    for b in more:
+        r = suite.bench(f"gpt2-small_{best['attention']}_none_b{b}", ["--attention", best["attention"], "--batch", str(b)])
+        if r is None:
+            break  # out of memory (or out of budget): a larger batch will not do better
+        runs.append(r)
+        gained = r["tokens_per_s"] / best["tokens_per_s"]
+        best = max(best, r, key=lambda x: x["tokens_per_s"])
+        if gained < MIN_GAIN:
+            break
+    return runs
+
+
+def remat(suite: Suite, best: dict) -> list[dict]:
+    """Step 3: the same step with each remat policy, for the memory it saves."""
+    runs = []
+    for policy in ("dots", "block"):
+        r = suite.bench(f"gpt2-small_{best['attention']}_{policy}_b{best['batch']}",
+                        ["--attention", best["attention"], "--batch", str(best["batch"]), "--remat", policy])
+        runs += [r] if r else []
+    return runs
+
+
+def variants(suite: Suite, best: dict) -> list[dict]:
+    """Step 5: the rest of the family at the best settings."""
+    base = ["--batch", str(best["batch"]), "--remat", best["remat"]]
     results = []
-    base = ["--preset", "gpt2-small", "--dtype", "bfloat16"] + (TINY + ["--dtype", "float32"] if tiny else [])
-    for attention in ("xla", "cudnn"):
-        for remat in ("none", "dots", "block"):
-            for batch in batches:
-                name = f"gpt2-small_{attention}_{remat}_b{batch}"
-                r = bench(out, name, [*base, "--attention", attention, "--remat", remat, "--batch", str(batch)])
-                if r is None:
-                    break  # out of memory (or not supported here): larger batches will not do better
-                results.append(r)
+    plan = (("palm-lite", "auto"), ("lamda", "auto"), ("gpt", "auto"), ("palm-lite", "cudnn"), ("lamda", "cudnn"))
+    for variant, attention in plan[:1] if suite.tiny else plan:  # (each variant's model has its own tests)
+        r = suite.bench(f"{variant}_{attention}", [*base, "--variant", variant, "--attention", attention])
+        if r is not None:
+            results.append(r | {"variant": variant})
     return results
 
 
-def variants(out: Path, best: dict, tiny: bool) -> list[dict]:
-    base = ["--preset", "gpt2-small", "--dtype", "bfloat16"] + (TINY + ["--dtype", "float32"] if tiny else [])
-    base += ["--batch", str(best["batch"]), "--remat", best["remat"]]
-    results = []
-    for variant, attentions in (("palm-lite", ("auto", "cudnn")), ("lamda", ("auto", "cudnn")), ("gpt", ("auto",))):
-        for attention in attentions if not tiny else ("auto",):
-            r = bench(out, f"{variant}_{attention}", [*base, "--variant", variant, "--attention", attention])
-            if r is not None:
-                results.append(r | {"variant": variant})
-    return results
-
-
-def end_to_end(out: Path, best: dict, steps: int, tiny: bool) -> dict:
-    """train_char.py on a generated corpus with the benchmark's best settings; its logged tokens/s."""
-    corpus = out / "corpus.txt"
-    rng = __import__("random").Random(0)
-    corpus.write_bytes(bytes(rng.randrange(32, 127) for _ in range(4_000_000 if not tiny else 100_000)))
+def end_to_end(suite: Suite, best: dict, steps: int) -> dict | None:
+    """Step 4: train_char.py on a generated corpus with the benchmark's best settings; its logged tokens/s."""
+    corpus = suite.runs / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_bytes(bytes(rng.randrange(32, 127) for _ in range(100_000 if suite.tiny else 4_000_000)))
     log_every = max(1, steps // 10)
-    args = ["--dataset-path", str(corpus), "--experiments-dir", str(out / "experiments"), "--experiment-name", "e2e",
-            "--model.dim", str(best["dim"]), "--model.depth", str(best["depth"]), "--model.heads", str(best["heads"]),
-            "--model.dim-head", str(best["dim_head"]), "--block-size", str(best["seq_len"]), "--batch-size",
-            str(best["batch"]), "--model.dtype", best["dtype"], "--model.attention", best["attention"],
-            "--model.remat", best["remat"], "--max-steps", str(steps), "--log-interval", str(log_every),
-            "--eval-interval", "0", "--checkpoint-interval", str(steps), "--no-progress",
+    args = ["--dataset-path", str(corpus), "--experiments-dir", str(suite.runs / "experiments"), "--experiment-name",
+            "e2e", "--model.dim", str(best["dim"]), "--model.depth", str(best["depth"]), "--model.heads",
+            str(best["heads"]), "--model.dim-head", str(best["dim_head"]), "--block-size", str(best["seq_len"]),
+            "--batch-size", str(best["batch"]), "--model.dtype", best["dtype"], "--model.attention",
+            best["attention"], "--model.remat", best["remat"], "--max-steps", str(steps), "--log-interval",
+            str(log_every), "--eval-interval", "0", "--checkpoint-interval", str(steps), "--no-progress",
             "--optim.warmup-steps", str(max(1, steps // 10))]
-    proc = subprocess.run([sys.executable, str(ROOT / "train_char.py"), *args], capture_output=True, text=True)
-    (out / "e2e.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"train_char.py failed:\n{proc.stderr[-3000:]}")
+    proc = suite.call("end_to_end", [str(ROOT / "train_char.py"), *args])
+    corpus.unlink()
+    if proc is None:
+        return None
     rates = [float(m.replace(",", "")) for m in re.findall(r"loss [\d.]+, lr [\d.e+-]+, ([\d,]+) tokens/s", proc.stdout)]
     # The first window holds the first steps' warm-up of caches and allocators; the rest are steady state.
     steady = statistics.median(rates[1:] if len(rates) > 2 else rates)
-    return {"logged_tokens_per_s_median": steady, "logged_tokens_per_s": rates, "bench_tokens_per_s": best["tokens_per_s"],
-            "ratio": steady / best["tokens_per_s"], "steps": steps}
+    e2e = {"logged_tokens_per_s_median": steady, "logged_tokens_per_s": rates, "bench_tokens_per_s": best["tokens_per_s"],
+           "ratio": steady / best["tokens_per_s"], "steps": steps}
+    print(f"  train_char.py, {steps} steps with those settings: {steady:,.0f} tokens/s logged (median of its log "
+          f"windows after the first) = {100 * e2e['ratio']:.1f}% of the benchmark's", flush=True)
+    return e2e
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for the JSON and logs")
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--out", required=True, help="folder for summary.json (every figure, what failed and why)")
+    p.add_argument("--runs", default=None, help="folder for each run's JSON and log (default OUT/runs)")
+    p.add_argument("--batch", type=int, default=16, help="global batch of step 1")
+    p.add_argument("--more-batches", type=int, nargs="*", default=[32, 64, 128], help="step 2, in this order")
     p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall-clock seconds for the whole suite (the lease: 15 minutes with the machine's start)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, to check the whole path on a CPU")
     args = p.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.runs) if args.runs else out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print("bench_train.py --preset gpt2-small, bfloat16:", flush=True)
-    results = sweep(out, args.tiny, args.batches if not args.tiny else [4, 8])
-    if not results:
-        raise SystemExit("no benchmark run succeeded")
-    best = max(results, key=lambda r: r["tokens_per_s"])
-    print(f"best: attention {best['attention']}, remat {best['remat']}, batch {best['batch']}: "
-          f"{best['tokens_per_s']:,.0f} tokens/s", flush=True)
-    print("the other variants at that batch and remat:", flush=True)
-    family = variants(out, best, args.tiny)
-    e2e = end_to_end(out, best, args.train_steps if not args.tiny else 6, args.tiny)
-    print(f"train_char.py, {e2e['steps']} steps with those settings: {e2e['logged_tokens_per_s_median']:,.0f} "
-          f"tokens/s logged (median of its log windows after the first) = {100 * e2e['ratio']:.1f}% of the "
-          "benchmark's", flush=True)
-    (out / "summary.json").write_text(json.dumps({"runs": results, "best": best, "variants": family, "end_to_end": e2e}, indent=2) + "\n")
+    suite = Suite(out, runs_dir, args.budget_s, args.tiny)
+    batch, more = (4, [8]) if args.tiny else (args.batch, args.more_batches)
+    print(f"gpt2-small in bfloat16, within {args.budget_s:.0f} s:", flush=True)
+    suite.summary["runs"] = runs = attention_and_batches(suite, batch, more)
+    if not runs:
+        suite.save()
+        raise SystemExit(f"no benchmark run succeeded: see {out / 'summary.json'} and {runs_dir}/*.log")
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    suite.summary["best"] = best
+    print(f"best: attention {best['attention']}, batch {best['batch']}: {best['tokens_per_s']:,.0f} tokens/s", flush=True)
+    runs += remat(suite, best)
+    suite.save()
+    suite.summary["end_to_end"] = end_to_end(suite, best, 6 if args.tiny else args.train_steps)
+    suite.save()
+    print("the other variants at those settings:", flush=True)
+    suite.summary["variants"] = variants(suite, best)
+    suite.save()
+    left = suite.summary["skipped"] + [f["name"] for f in suite.summary["failed"]]
+    print(f"done in {suite.summary['elapsed_s']:.0f} s; " + (f"not measured: {', '.join(left)}" if left else "all measured"))
 
 
 if __name__ == "__main__":

@@ -129,39 +129,65 @@ def attend(q, k, v, positions, key_positions, *, context: int, implementation: s
     A query attends to keys at positions p with 0 <= query - p < context (causal, and never farther back
     than `context`). `contiguous`: keys are the queries' own positions 0..T-1, so the mask is plain
     causal (a sliding window past `context`), which fused kernels compute without materialising it;
-    otherwise (a cache) it is built from the positions. K < H key heads are passed as they are: jax
-    groups the query heads over them without copying, and its XLA path accumulates scores and softmax
-    in float32 whatever the compute dtype. `bias` [H, T, S] (ALiBi, T5) is added to the scores.
-    `dropout(weights)` drops attention weights; jax's fused function has no such hook, so then the
-    weights are computed here.
+    otherwise (a cache) it is built from the positions. K < H key heads are never copied per query
+    head: jax groups the query heads over them, and one float32 key head is met by folding the query
+    heads into rows (`_attend_xla`). Scores and softmax accumulate in float32 whatever the compute dtype.
+    `bias` [H, T, S] (ALiBi, T5) is added to the scores. `dropout(weights)` drops attention weights;
+    jax's function has no such hook, so then the weights are computed here.
     """
     lead, (t, h, d), (s, kh) = q.shape[:-3], q.shape[-3:], k.shape[-3:-1]
     q4, k4, v4 = q.reshape(-1, t, h, d), k.reshape(-1, s, kh, d), v.reshape(-1, s, kh, d)
-    bias4 = None if bias is None else bias[None].astype(jnp.float32)
-    if contiguous and dropout is None:
-        window = (context - 1, 0) if t > context else None
-        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, is_causal=True, local_window_size=window,
-                                           implementation=implementation if window is None else "xla")
+    # float32 multi-query attention folds its heads into rows (_attend_xla); bfloat16 keeps jax's path,
+    # whose dot precision presets keep the backward pass's dtypes consistent.
+    fold = kh == 1 and q.dtype == jnp.float32
+    if dropout is None and not fold:
+        bias4 = None if bias is None else bias[None].astype(jnp.float32)
+        if contiguous:
+            window = (context - 1, 0) if t > context else None
+            out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, is_causal=True, local_window_size=window,
+                                               implementation=implementation if window is None else "xla")
+            return out.reshape(*lead, t, h, d)
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=_allowed(positions, key_positions, context)[None, None],
+                                           implementation="xla")
         return out.reshape(*lead, t, h, d)
+    return _attend_xla(q4, k4, v4, bias, _allowed(positions, key_positions, context), dropout).reshape(*lead, t, h, d)
+
+
+def _allowed(positions, key_positions, context: int):
+    """[T, S] bool: key slot filled, not in the future, fewer than `context` positions back."""
     delta = positions[:, None] - key_positions[None, :]
-    allowed = (key_positions[None, :] >= 0) & (delta >= 0) & (delta < context)
-    if dropout is None:
-        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=allowed[None, None], implementation="xla")
-        return out.reshape(*lead, t, h, d)
-    return _attend_with_dropout(q4, k4, v4, bias4, allowed, dropout).reshape(*lead, t, h, d)
+    return (key_positions[None, :] >= 0) & (delta >= 0) & (delta < context)
 
 
-def _attend_with_dropout(q, k, v, bias, allowed, dropout):
-    """The same scores as jax.nn.dot_product_attention's XLA path (float32, scaled by 1/sqrt(D)), with
-    dropout on the normalised weights (GPT-2's attn_pdrop)."""
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        scores = scores + bias
-    scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, v)
+def _attend_xla(q, k, v, bias, allowed, dropout):
+    """jax.nn.dot_product_attention's XLA path, written out: scores in float32 times 1/sqrt(D), masked to
+    float32's lowest, softmax in float32. Used for two things jax's function cannot do as well:
+
+    - dropout on the normalised weights (GPT-2's attn_pdrop): jax's function has no hook for it;
+    - one key/value head (K = 1): the H query heads fold into rows, [B, T*H, D] x [B, S, D], so the
+      scores and the output are each one plain batched matmul with no transpose; jax's grouped path
+      transposes queries and scores around every group (measured: 5% of char-small's CPU step).
+
+    Scores are laid out [B, T, H, S] either way; with K > 1 (multi-head, dropout) the keys are matched
+    head for head, after repeating K heads to H when they are grouped.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1:3]
+    if kh == 1:
+        scores = jnp.einsum("bqd,bsd->bqs", q.reshape(b, t * h, d), k[:, :, 0], preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, t, h, s)
+    else:
+        k, v = jnp.repeat(k, h // kh, axis=2), jnp.repeat(v, h // kh, axis=2)
+        scores = jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1 / math.sqrt(d))
+    if bias is not None:  # [H, T, S] -> [T, H, S]
+        scores = scores + jnp.transpose(bias, (1, 0, 2)).astype(jnp.float32)
+    scores = jnp.where(allowed[:, None, :], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = (weights if dropout is None else dropout(weights)).astype(v.dtype)
+    if kh == 1:
+        return jnp.einsum("bqs,bsd->bqd", weights.reshape(b, t * h, s), v[:, :, 0]).reshape(b, t, h, d)
+    return jnp.einsum("bths,bshd->bthd", weights, v)
 
 
 # --- feed-forwards ----------------------------------------------------------------------------
