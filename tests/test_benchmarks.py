@@ -69,8 +69,8 @@ def test_bench_train_device_sweep(tmp_path):
 
 
 def test_gpu_suite_runs_its_whole_path(tmp_path):
-    """The GPU command, with tiny shapes on the CPU: each attention x remat x batch run, the best
-    picked, and train_char.py end to end with its logged tokens/s set beside the benchmark's."""
+    """The GPU command, with tiny shapes on the CPU: both kernels, a larger batch, both remat policies at
+    the best, train_char.py end to end with its logged tokens/s set beside the benchmark's, a variant."""
     out = run_benchmark("gpu_suite.py", "--tiny", "--out", tmp_path / "gpu", devices=1, cwd=tmp_path)
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     # cudnn cannot run on a CPU: it fails with its one-line reason and the xla runs carry on.
@@ -79,6 +79,8 @@ def test_gpu_suite_runs_its_whole_path(tmp_path):
     assert "cudnn cannot run here" in out
     assert summary["end_to_end"]["logged_tokens_per_s_median"] > 0
     assert "of the benchmark's" in out
+    assert [r["variant"] for r in summary["variants"]] == ["palm-lite"]
+    assert summary["skipped"] == [] and [f["name"] for f in summary["failed"]] == ["gpt2-small_cudnn_none_b4"]
 
 
 def test_gpu_suite_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
