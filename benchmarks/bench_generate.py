@@ -69,7 +69,7 @@ def timed(fn, repeats: int) -> tuple[float, list[float], np.ndarray]:
     return first, times, out
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 1024], help="model seq_len = prompt length")
     p.add_argument("--dim", type=int, default=256)
@@ -83,64 +83,64 @@ def main() -> None:
     p.add_argument("--calibration-size", type=int, default=2048,
                    help="n of the n^3 float32 matmul timed at the end, to tell a busy machine from slow code")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args()
 
-    print(loadavg())
-    dev = jax.devices()[0]
-    print(f"device: {dev.platform} ({dev.device_kind}); jax {jax.__version__}")
-    rows = []
-    for ctx in args.contexts:
-        cfg = ModelConfig(seq_len=ctx, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
-                          dtype=args.dtype, num_tokens=256)
-        params = jax.jit(PaLM(cfg).init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, ctx), jnp.int32))["params"]
-        prompt = np.random.default_rng(args.seed).integers(0, 256, size=ctx, dtype=np.int32)
-        key = jax.random.PRNGKey(args.seed)
-        if ctx == args.contexts[0]:
-            print(f"model: {param_count(params):,} parameters (dim {cfg.dim}, depth {cfg.depth}, heads "
-                  f"{cfg.heads}x{cfg.dim_head}, multi-query, {compute_dtype(cfg).name}); batch {args.batch}, "
-                  f"{args.new_chars} new chars, greedy, prompt = full context; best of {args.repeats}")
 
-        result = {"ctx": ctx}
-        for name, recompute in (("cached", False), ("recompute", True)):
-            def call():
-                return generate(params, cfg, prompt, args.new_chars, key, num_samples=args.batch,
-                                temperature=0.0, recompute=recompute)
+def measure(args, ctx: int, describe: bool) -> dict:
+    """Cached against recomputed generation at context ctx: speeds, their agreement, the cache's size."""
+    cfg = ModelConfig(seq_len=ctx, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
+                      dtype=args.dtype, num_tokens=256)
+    params = jax.jit(PaLM(cfg).init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, ctx), jnp.int32))["params"]
+    prompt = np.random.default_rng(args.seed).integers(0, 256, size=ctx, dtype=np.int32)
+    key = jax.random.PRNGKey(args.seed)
+    if describe:
+        print(f"model: {param_count(params):,} parameters (dim {cfg.dim}, depth {cfg.depth}, heads "
+              f"{cfg.heads}x{cfg.dim_head}, multi-query, {compute_dtype(cfg).name}); batch {args.batch}, "
+              f"{args.new_chars} new chars, greedy, prompt = full context; best of {args.repeats}")
 
-            first, times, out = timed(call, args.repeats)
-            med = statistics.median(times)
-            result[name] = {"first": first, "median": med, "min": min(times),
-                            "chars_s": args.batch * args.new_chars / min(times), "out": out}
-        # The cached call = one C-token prompt pass + new_chars cheap steps; a 1-character call
-        # isolates the prompt pass. The two are timed back to back in pairs (both are cheap), so
-        # that a change of load on shared cores hits both sides of each difference alike.
-        def one():
-            return generate(params, cfg, prompt, 1, key, num_samples=args.batch, temperature=0.0)
+    result = {"ctx": ctx}
+    for name, recompute in (("cached", False), ("recompute", True)):
+        def call():
+            return generate(params, cfg, prompt, args.new_chars, key, num_samples=args.batch,
+                            temperature=0.0, recompute=recompute)
 
-        def full():
-            return generate(params, cfg, prompt, args.new_chars, key, num_samples=args.batch, temperature=0.0)
+        first, times, out = timed(call, args.repeats)
+        med = statistics.median(times)
+        result[name] = {"first": first, "median": med, "min": min(times),
+                        "chars_s": args.batch * args.new_chars / min(times), "out": out}
+    # The cached call = one C-token prompt pass + new_chars cheap steps; a 1-character call
+    # isolates the prompt pass. The two are timed back to back in pairs (both are cheap), so
+    # that a change of load on shared cores hits both sides of each difference alike.
+    def one():
+        return generate(params, cfg, prompt, 1, key, num_samples=args.batch, temperature=0.0)
 
-        timed(one, 0)  # compiles the 1-character variant
-        pairs = []
-        for _ in range(max(args.repeats, 5)):
-            t0 = time.perf_counter()
-            one()
-            t1 = time.perf_counter()
-            full()
-            pairs.append((t1 - t0, time.perf_counter() - t1))
-        result["prefill"] = min(t for t, _ in pairs)
-        result["per_char"] = statistics.median(f - o for o, f in pairs) / max(args.new_chars - 1, 1)
-        a, b = result["cached"]["out"], result["recompute"]["out"]
-        mismatch = np.flatnonzero((a != b).any(axis=0))
-        result["agree"] = int(mismatch[0]) if len(mismatch) else args.new_chars
+    def full():
+        return generate(params, cfg, prompt, args.new_chars, key, num_samples=args.batch, temperature=0.0)
 
-        # Measured, not computed: the leaves init_cache allocates for one sequence (the position
-        # table is shared by the batch and counted once).
-        cache = jax.eval_shape(lambda: init_cache(cfg, (1,)))
-        result["kv_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
-        result["pos_bytes"] = cache["pos"].size * cache["pos"].dtype.itemsize
-        result["mha_bytes"] = 2 * cfg.depth * ctx * cfg.heads * cfg.dim_head * compute_dtype(cfg).itemsize
-        rows.append(result)
+    timed(one, 0)  # compiles the 1-character variant
+    pairs = []
+    for _ in range(max(args.repeats, 5)):
+        t0 = time.perf_counter()
+        one()
+        t1 = time.perf_counter()
+        full()
+        pairs.append((t1 - t0, time.perf_counter() - t1))
+    result["prefill"] = min(t for t, _ in pairs)
+    result["per_char"] = statistics.median(f - o for o, f in pairs) / max(args.new_chars - 1, 1)
+    a, b = result["cached"]["out"], result["recompute"]["out"]
+    mismatch = np.flatnonzero((a != b).any(axis=0))
+    result["agree"] = int(mismatch[0]) if len(mismatch) else args.new_chars
 
+    # Measured, not computed: the leaves init_cache allocates for one sequence (the position
+    # table is shared by the batch and counted once).
+    cache = jax.eval_shape(lambda: init_cache(cfg, (1,)))
+    result["kv_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
+    result["pos_bytes"] = cache["pos"].size * cache["pos"].dtype.itemsize
+    result["mha_bytes"] = 2 * cfg.depth * ctx * cfg.heads * cfg.dim_head * compute_dtype(cfg).itemsize
+    return result
+
+
+def show(rows: list[dict], args, dev) -> None:
     print(f"\n{'context':>7} {'path':>9} {'chars/s':>9} {'best s':>7} {'median s':>9} {'first call s':>13} "
           f"{'speed-up':>9} {'greedy chars equal':>19}")
     for r in rows:
@@ -170,6 +170,15 @@ def main() -> None:
     n = args.calibration_size
     print(f"\n{loadavg()} at the end; a {n}^3 float32 matmul "
           f"reaches {matmul_tflops(n):.3f} TFLOP/s now ({dev.platform})")
+
+
+def main() -> None:
+    args = parse_args()
+    print(loadavg())
+    dev = jax.devices()[0]
+    print(f"device: {dev.platform} ({dev.device_kind}); jax {jax.__version__}")
+    rows = [measure(args, ctx, describe=ctx == args.contexts[0]) for ctx in args.contexts]
+    show(rows, args, dev)
 
 
 if __name__ == "__main__":

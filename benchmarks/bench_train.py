@@ -123,6 +123,103 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _corpus(args):
+    """(train split as bytes, where it came from): the --data corpus, or random bytes without one."""
+    import numpy as np
+
+    from mingpt_palm import data
+    from mingpt_palm.config import DataConfig
+
+    if Path(args.data).is_file():
+        return data.load_corpus(args.data, DataConfig(), progress=False).train, args.data
+    return np.random.default_rng(args.seed).integers(0, 256, 1 << 20, dtype=np.uint8), "random bytes"
+
+
+def _config(args, vocab_size: int):
+    from mingpt_palm.config import ModelConfig, OptimizerConfig, TrainConfig
+
+    model_cfg = ModelConfig(variant=args.variant, position=args.position, dropout=args.dropout,
+                            seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
+                            dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, attention=args.attention,
+                            remat=args.remat, num_tokens=vocab_size)
+    # No warmup in the schedule: every update runs at the peak rate, as most of a real run does.
+    return TrainConfig(batch_size=args.batch, max_steps=args.warmup + args.windows * args.steps, seed=args.seed,
+                       model=model_cfg, grad_accum_steps=args.grad_accum, optim=OptimizerConfig(warmup_steps=0))
+
+
+def _xla_analysis(compiled, args):
+    """(XLA's FLOPs of the whole step or None, XLA's temporary bytes or None): cross-checks only."""
+    import jax
+
+    flops = temp = None
+    try:
+        # XLA counts a loop body once: with accumulation (a scan) its count would cover one micro-batch.
+        if args.grad_accum == 1:
+            flops = compiled.cost_analysis()["flops"] * jax.local_device_count()
+    except Exception:  # noqa: BLE001 - a cross-check must never sink the benchmark
+        pass
+    try:
+        temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # noqa: BLE001
+        pass
+    return flops, temp
+
+
+def _timed_loop(compiled, state, control, batch, args, in_flight: int):
+    """--warmup untimed steps, then --windows windows of --steps steps, with `in_flight` steps dispatched
+    before the oldest one's status is read (as train.py does). Returns (seconds per step of each
+    window, every step's loss, the last state: the loop donates each one it is given)."""
+    import jax
+
+    from mingpt_palm import parallel
+    from mingpt_palm.step import STATUS
+
+    pending, losses, windows = [], [], []
+
+    def complete(keep: int) -> None:
+        while len(pending) > keep:
+            status = pending.pop(0)["status"]
+            jax.block_until_ready(status)
+            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
+
+    step = 0
+    for n in [args.warmup] + [args.steps] * args.windows:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, control, metrics = compiled(state, control, *batch(step))
+            pending.append(metrics)
+            complete(in_flight)
+            step += 1
+        complete(0)
+        windows.append((time.perf_counter() - t0) / max(n, 1))
+    return windows[1:], losses, state
+
+
+def _bwd_over_fwd(model, params, tokens, z_loss: float):
+    """(forward seconds, (forward + backward - forward) / forward), each a median of 5 on one device."""
+    import jax
+
+    from mingpt_palm.model import cross_entropy
+
+    def loss(p):
+        logits, _ = model.apply({"params": p}, tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:], z_loss)[0]
+
+    f, fb = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+    fwd, both = median_time(lambda: f(params), 5), median_time(lambda: fb(params), 5)
+    return fwd, (both - fwd) / fwd
+
+
+def _peak_memory():
+    """(bytes, what they are): the devices' own peak where they report one, else the process's VmHWM."""
+    import jax
+
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    if all(s and "peak_bytes_in_use" in s for s in stats):
+        return max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use"
+    return proc_status("VmHWM").get("VmHWM"), "host VmHWM (whole process)"
+
+
 def run(args) -> dict:
     import jax
 
@@ -132,37 +229,25 @@ def run(args) -> dict:
     import numpy as np
 
     from mingpt_palm import data, parallel
-    from mingpt_palm.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
     from mingpt_palm.flops import attention_flops, flops_per_token, matmul_params
-    from mingpt_palm.model import attention_implementation, compute_dtype, cross_entropy, param_count
+    from mingpt_palm.model import attention_implementation, compute_dtype, param_count
     from mingpt_palm.state import build, init_state
-    from mingpt_palm.step import STATUS, Control, train_step
+    from mingpt_palm.step import Control, train_step
 
-    if Path(args.data).is_file():
-        split, source = data.load_corpus(args.data, DataConfig(), progress=False).train, args.data
-    else:
-        split, source = np.random.default_rng(args.seed).integers(0, 256, 1 << 20, dtype=np.uint8), "random bytes"
+    split, source = _corpus(args)
     vocab = data.Vocab.build(args.vocab, split)
-    steps_total = args.warmup + args.windows * args.steps
-    model_cfg = ModelConfig(variant=args.variant, position=args.position, dropout=args.dropout,
-                            seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
-                            dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, attention=args.attention,
-                            remat=args.remat, num_tokens=vocab.size)
-    # No warmup in the schedule: every update runs at the peak rate, as most of a real run does.
-    cfg = TrainConfig(batch_size=args.batch, max_steps=steps_total, seed=args.seed, model=model_cfg,
-                      grad_accum_steps=args.grad_accum, optim=OptimizerConfig(warmup_steps=0))
-    local_batch = parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
+    cfg = _config(args, vocab.size)
+    model_cfg = cfg.model
+    parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
     attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
     model, tx, schedule, _, _ = build(cfg)
     state = jax.jit(partial(init_state, model, tx, cfg))()
     dense, embed, norms = matmul_params(state.params)
-    flops_tok = flops_per_token(state.params, model_cfg)
-    n_params = param_count(state.params)
+    flops_tok, n_params = flops_per_token(state.params, model_cfg), param_count(state.params)
     rstate, control = parallel.replicate(state), parallel.replicate(Control.start())
     del state
     dev, n_dev = jax.devices()[0], jax.device_count()
     dtype = compute_dtype(model_cfg).name
-    depth_in_flight = parallel.steps_in_flight()
 
     def batch(step: int):
         raw = data.get_batch(split, cfg.seed, step, cfg.batch_size, args.seq_len, jax.process_index(),
@@ -178,76 +263,25 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     compiled = p_step.lower(rstate, control, *batch(0)).compile()
     compile_s = time.perf_counter() - t0
-    try:
-        # XLA counts a loop body once: with accumulation (a scan) its count would cover one micro-batch.
-        xla_flops = compiled.cost_analysis()["flops"] * jax.local_device_count() if args.grad_accum == 1 else None
-    except Exception:  # noqa: BLE001 - a cross-check must never sink the benchmark
-        xla_flops = None
-    try:
-        mem = compiled.memory_analysis()
-        temp_bytes = mem.temp_size_in_bytes
-    except Exception:  # noqa: BLE001
-        temp_bytes = None
-
-    pending, losses, windows = [], [], []
-
-    def complete(keep: int) -> None:
-        """Read the finished steps' status (as train.py does) until at most `keep` are in flight."""
-        while len(pending) > keep:
-            status = pending.pop(0)["status"]
-            jax.block_until_ready(status)
-            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
-
-    def advance(step):
-        nonlocal rstate, control
-        rstate, control, metrics = compiled(rstate, control, *batch(step))
-        pending.append(metrics)
-        complete(depth_in_flight)
-
-    def drain():
-        complete(0)
-
-    for step in range(args.warmup):
-        advance(step)
-    drain()
-    step = args.warmup
-    for _ in range(args.windows):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            advance(step)
-            step += 1
-        drain()
-        windows.append((time.perf_counter() - t0) / args.steps)
-
+    xla_flops, temp_bytes = _xla_analysis(compiled, args)
+    windows, losses, rstate = _timed_loop(compiled, rstate, control, batch, args, parallel.steps_in_flight())
     fwd = bwd_ratio = None
     if not args.no_ratio:
         tokens = jnp.asarray(vocab.encode(batch(0)[0][0].reshape(-1, args.seq_len + 1)))
-        params = parallel.first_replica(rstate.params)
-
-        def loss(p):
-            logits, _ = model.apply({"params": p}, tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:], model_cfg.z_loss)[0]
-
-        f, fb = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
-        fwd, both = median_time(lambda: f(params), 5), median_time(lambda: fb(params), 5)
-        bwd_ratio = (both - fwd) / fwd
+        fwd, bwd_ratio = _bwd_over_fwd(model, parallel.first_replica(rstate.params), tokens, model_cfg.z_loss)
 
     step_s = statistics.median(windows)
     tokens_per_step = cfg.batch_size * args.seq_len
     achieved = tokens_per_step / step_s * flops_tok / 1e12
     per = next((v for (kind, dt), v in GPU_PEAK_TFLOPS.items() if kind in dev.device_kind and dt == dtype), None)
-    stats = [d.memory_stats() for d in jax.local_devices()]
-    if all(s and "peak_bytes_in_use" in s for s in stats):
-        peak_mem, mem_kind = max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use"
-    else:
-        peak_mem, mem_kind = proc_status("VmHWM").get("VmHWM"), "host VmHWM (whole process)"
+    peak_mem, mem_kind = _peak_memory()
     return {
         "preset": args.preset, "variant": args.variant, "device_kind": dev.device_kind, "platform": dev.platform, "devices": n_dev,
         "jax": jax.__version__, "source": source, "params": n_params, "matmul_params": dense + embed,
         "norm_params": norms, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": vocab.size,
         "dtype": dtype, "attention": attention_implementation(model_cfg), "remat": args.remat,
-        "in_flight": depth_in_flight, "tokens_per_step": tokens_per_step,
+        "in_flight": parallel.steps_in_flight(), "tokens_per_step": tokens_per_step,
         "step_ms_median": 1e3 * step_s, "step_ms_windows": [1e3 * w for w in windows],
         "tokens_per_s": tokens_per_step / step_s, "flops_per_token": flops_tok,
         "attention_flops_per_token": attention_flops(model_cfg),

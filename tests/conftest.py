@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def xla_flags(devices: int) -> str:
 os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(ROOT))
+
+# A suite started in the background by a shell without job control (`pytest ... &` in a script) starts
+# with SIGINT ignored, and every trainer it spawns inherits that: the Ctrl-C tests would then wait out
+# a whole run instead of testing anything. Ctrl-C gets Python's own handler back, here and in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A model small enough that a CLI run of a few dozen steps takes seconds on 2 CPU cores.
 TINY = ["--model.dim", "64", "--model.depth", "2", "--model.heads", "4", "--model.dim-head", "16",

@@ -279,7 +279,8 @@ def test_ctrl_c_before_training_starts_is_one_line(shakespeare, tmp_path, monkey
 
     monkeypatch.setattr(data, "load_corpus", load_corpus)
     monkeypatch.setattr(sys, "argv", ["train_char.py", "--dataset-path", str(shakespeare), "--experiments-dir",
-                                      str(tmp_path), "--experiment-name", "early", *map(str, TINY)])
+                                      str(tmp_path), "--experiment-name", "early", *map(str, TINY),
+                                      "--max-steps", "20"])  # a lost Ctrl-C fails in seconds, not after a whole run
     assert train_char.main() == 130
     err = capsys.readouterr().err
     assert err.strip() == ("error: interrupted before training started; checkpoints already on disk are "
