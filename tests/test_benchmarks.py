@@ -51,6 +51,10 @@ def test_bench_train(tmp_path):
     assert r["devices"] == 4 and r["grad_accum"] == 2 and len(r["step_ms_windows"]) == 3
     assert r["tokens_per_s"] == r["tokens_per_step"] / (r["step_ms_median"] / 1e3)
     assert r["compile_s"] > 0 and r["xla_temp_bytes"] > 0
+    # MFU is against the higher of the peaks measured before and after the timing: a slow moment during
+    # one of them would otherwise inflate it.
+    assert r["peak_measured_tflops"] == max(r["peak_before_tflops"], r["peak_after_tflops"]) > 0
+    assert r["mfu_measured"] == r["achieved_tflops"] / r["peak_measured_tflops"]
 
 
 def test_bench_train_flops_agree_with_xla(tmp_path):
