@@ -241,7 +241,7 @@ def run(args) -> dict:
     cfg = _config(args, vocab.size)
     model_cfg = cfg.model
     parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
-    attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
+    attention = attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
     model, tx, schedule, _, _ = build(cfg)
     state = jax.jit(partial(init_state, model, tx, cfg))()
     dense, embed, norms = matmul_params(state.params)
@@ -266,7 +266,8 @@ def run(args) -> dict:
     compiled = p_step.lower(rstate, control, *batch(0)).compile()
     compile_s = time.perf_counter() - t0
     xla_flops, temp_bytes = _xla_analysis(compiled, args)
-    windows, losses, rstate = _timed_loop(compiled, rstate, control, batch, args, parallel.steps_in_flight())
+    in_flight = parallel.steps_in_flight()
+    windows, losses, rstate = _timed_loop(compiled, rstate, control, batch, args, in_flight)
     peak_mem, mem_kind = _peak_memory()  # before anything else allocates: the step's own peak
     peak_after = matmul_tflops(cal_n, dtype=dtype)
     peak_measured = max(peak_before, peak_after)
@@ -284,8 +285,8 @@ def run(args) -> dict:
         "jax": jax.__version__, "source": source, "params": n_params, "matmul_params": dense + embed,
         "norm_params": norms, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": vocab.size,
-        "dtype": dtype, "attention": attention_implementation(model_cfg), "remat": args.remat,
-        "in_flight": parallel.steps_in_flight(), "tokens_per_step": tokens_per_step,
+        "dtype": dtype, "attention": attention, "remat": args.remat,
+        "in_flight": in_flight, "tokens_per_step": tokens_per_step,
         "step_ms_median": 1e3 * step_s, "step_ms_windows": [1e3 * w for w in windows],
         "tokens_per_s": tokens_per_step / step_s, "flops_per_token": flops_tok,
         "attention_flops_per_token": attention_flops(model_cfg),
