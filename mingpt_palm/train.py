@@ -270,7 +270,7 @@ class Trainer:
         give_up = self.halted and not self.stop_agreed
         if step == self.run.start + 1:
             self.say(f"first step: {time.perf_counter() - self.first_dispatch:.1f} s, compiling the train step "
-                     "included (left out of tokens/s)")
+                     "(or loading it from JAX_COMPILATION_CACHE_DIR) included (left out of tokens/s)")
             self.window_start, self.window_steps = time.perf_counter(), 0
         else:
             self.window_steps += 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,18 @@ def xla_flags(devices: int) -> str:
 # In-process tests see 4 devices; this must happen before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = xla_flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Dozens of CLI runs compile the same tiny train and eval steps, and on 2 cores XLA's compile is half
+# of each run. The suite's processes share one compilation cache, empty at the start of every session,
+# so each program is still compiled for real once. Only programs that took 0.3 s to compile are kept:
+# eager ops compile in ~50 ms each, thousands of them, and jax scans the whole directory on every write.
+# The size limit is what makes jax lock the directory (filelock), so that a process never reads an entry
+# another is halfway through writing (the two processes of a multi-process run compile the same step).
+# JAX_ENABLE_COMPILATION_CACHE=false turns it off, for a bug that might live in compilation.
+_XLA_CACHE = tempfile.mkdtemp(prefix="mingpt-palm-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.3")
 sys.path.insert(0, str(ROOT))
 
 # A suite started in the background by a shell without job control (`pytest ... &` in a script) starts
