@@ -269,8 +269,9 @@ class Trainer:
         self.stop_agreed = bool(s["stop"])
         give_up = self.halted and not self.stop_agreed
         if step == self.run.start + 1:
-            self.say(f"first step: {time.perf_counter() - self.first_dispatch:.1f} s, compiling the train step "
-                     "(or loading it from JAX_COMPILATION_CACHE_DIR) included (left out of tokens/s)")
+            cache = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+            self.say(f"first step: {time.perf_counter() - self.first_dispatch:.1f} s, compiling the train step"
+                     f"{' (or loading it from the compilation cache)' if cache else ''} included (left out of tokens/s)")
             self.window_start, self.window_steps = time.perf_counter(), 0
         else:
             self.window_steps += 1
