@@ -227,6 +227,8 @@ def run(args) -> dict:
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
+    # Compile time is one of the figures: a JAX_COMPILATION_CACHE_DIR (README) would report a load instead.
+    jax.config.update("jax_enable_compilation_cache", False)
     import jax.numpy as jnp
     import numpy as np
 
