@@ -64,7 +64,10 @@ class _StopRequest:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            # A signal the process started with ignored stays ignored: a shell without job control
+            # starts `python train_char.py &` so, to keep the terminal's Ctrl-C for the foreground.
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):

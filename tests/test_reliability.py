@@ -41,11 +41,11 @@ def _no_process_left_behind():
             proc.wait(timeout=60)
 
 
-def popen_train(*args, cwd: Path) -> subprocess.Popen:
+def popen_train(*args, cwd: Path, preexec_fn=None) -> subprocess.Popen:
     """train_char.py in the background; output goes to files so a full pipe can never stall it."""
     out, err = open(cwd / "popen.stdout", "w"), open(cwd / "popen.stderr", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_char.py"), *map(str, args)], cwd=cwd,
-                            env=cli_env(), stdout=out, stderr=err)
+                            env=cli_env(), stdout=out, stderr=err, preexec_fn=preexec_fn)
     out.close(), err.close()
     _started.append(proc)
     return proc
@@ -240,6 +240,24 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(sig, shakespeare,
     assert resumed.returncode == 0, resumed.stderr
     assert f"restored from step {stopped}" in resumed.stdout
     assert steps_in(exp / "checkpoints") == [stopped, stopped + 2]  # --keep-checkpoints 2
+
+
+def test_ctrl_c_stays_ignored_when_the_run_started_with_it_ignored(shakespeare, tmp_path):
+    # As `python train_char.py &` from a script starts it: the terminal's Ctrl-C is meant for the
+    # script's foreground job, and must not stop (or save and stop) the run in the background.
+    args = ["--dataset-path", shakespeare, *TINY, "--max-steps", 100_000, "--checkpoint-interval", 5,
+            "--log-interval", 1, "--eval-interval", 0, "--experiment-name", "bg"]
+    ckpt = tmp_path / "experiments" / "bg" / "checkpoints"
+    proc = popen_train(*args, cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_until(lambda: (ckpt / "5").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: (ckpt / "15").is_dir(), proc)  # two more saves: it trained on
+    assert "received" not in popen_output(tmp_path)[1]
+    proc.send_signal(signal.SIGTERM)  # still handled: the way to stop such a run
+    proc.wait(timeout=120)
+    stdout, stderr = popen_output(tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM received: finishing this step" in stderr and "SIGINT" not in stderr
 
 
 def test_second_ctrl_c_aborts_cleanly_without_a_partial_checkpoint(shakespeare, tmp_path):
