@@ -22,7 +22,7 @@ Figures (printed, and written as JSON with --json):
 - compile time of the step; peak memory right after the timed steps (device peak_bytes_in_use on
   GPUs; on CPUs the process's VmHWM) and XLA's own memory analysis of the compiled step (temporaries: what remat saves);
 - backward / forward: a jitted forward pass (loss) and forward + backward (value_and_grad) on one
-  device's batch, timed apart, medians; (fwd+bwd - fwd) / fwd, about 2 for a healthy step.
+  device's batch, called in turn, medians; (fwd+bwd - fwd) / fwd, about 2 for a healthy step.
 
 Presets: char-small (issue 9's small char model: dim 128, depth 4, 4x32 heads, block 64, batch 12,
 tinyshakespeare's char vocabulary), cpu-medium (dim 256, depth 6, 4x64, block 256, batch 16, bytes),
@@ -113,18 +113,6 @@ def proc_status(*keys: str) -> dict[str, int]:
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _corpus(args):
     """(train split as bytes, where it came from): the --data corpus, or random bytes without one."""
     import numpy as np
@@ -197,8 +185,9 @@ def _timed_loop(compiled, state, control, batch, args, in_flight: int):
     return windows[1:], losses, state
 
 
-def _bwd_over_fwd(model, params, tokens, z_loss: float):
-    """(forward seconds, (forward + backward - forward) / forward), each a median of 5 on one device."""
+def _bwd_over_fwd(model, params, tokens, z_loss: float, repeats: int = 7):
+    """(forward seconds, forward + backward seconds) on one device, medians of calls taken in turn, so
+    that a slow moment of a shared machine falls on both rather than on one of the two."""
     import jax
 
     from mingpt_palm.model import cross_entropy
@@ -208,8 +197,14 @@ def _bwd_over_fwd(model, params, tokens, z_loss: float):
         return cross_entropy(logits, tokens[:, 1:], z_loss)[0]
 
     f, fb = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
-    fwd, both = median_time(lambda: f(params), 5), median_time(lambda: fb(params), 5)
-    return fwd, (both - fwd) / fwd
+    jax.block_until_ready((f(params), fb(params)))
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((f, fb), times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params))
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _peak_memory():
@@ -273,10 +268,11 @@ def run(args) -> dict:
     peak_mem, mem_kind = _peak_memory()  # before anything else allocates: the step's own peak
     peak_after = matmul_tflops(cal_n, dtype=dtype)
     peak_measured = max(peak_before, peak_after)
-    fwd = bwd_ratio = None
+    fwd = both = bwd_ratio = None
     if not args.no_ratio:
         tokens = jnp.asarray(vocab.encode(batch(0)[0][0].reshape(-1, args.seq_len + 1)))
-        fwd, bwd_ratio = _bwd_over_fwd(model, parallel.first_replica(rstate.params), tokens, model_cfg.z_loss)
+        fwd, both = _bwd_over_fwd(model, parallel.first_replica(rstate.params), tokens, model_cfg.z_loss)
+        bwd_ratio = (both - fwd) / fwd
 
     step_s = statistics.median(windows)
     tokens_per_step = cfg.batch_size * args.seq_len
@@ -299,7 +295,8 @@ def run(args) -> dict:
         "peak_datasheet_tflops": per * n_dev if per else None,
         "mfu_datasheet": achieved / (per * n_dev) if per else None,
         "compile_s": compile_s, "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
-        "xla_temp_bytes": temp_bytes, "fwd_ms": 1e3 * fwd if fwd else None, "bwd_over_fwd": bwd_ratio,
+        "xla_temp_bytes": temp_bytes, "fwd_ms": 1e3 * fwd if fwd else None,
+        "fwd_bwd_ms": 1e3 * both if both else None, "bwd_over_fwd": bwd_ratio,
         "loss_first": losses[0], "loss_last": losses[-1], "load_before": loadavg(),
     }
 

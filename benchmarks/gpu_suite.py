@@ -101,7 +101,7 @@ class Suite:
               f"{100 * r['mfu_measured']:.1f}% measured / "
               + (f"{100 * r['mfu_datasheet']:.1f}% datasheet" if r["mfu_datasheet"] else "n/a datasheet")
               + f", peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB, compile {r['compile_s']:.1f} s"
-              + (f", backward/forward {r['bwd_over_fwd']:.2f}" if r["bwd_over_fwd"] else ""), flush=True)
+              + (f", backward/forward {r['bwd_over_fwd']:.2f}" if r["bwd_over_fwd"] is not None else ""), flush=True)
         return r
 
     def save(self) -> None:
