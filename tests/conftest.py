@@ -39,9 +39,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The size limit is what makes jax lock the directory (filelock), so that a process never reads an entry
 # another is halfway through writing (the two processes of a multi-process run compile the same step).
 # JAX_ENABLE_COMPILATION_CACHE=false turns it off, for a bug that might live in compilation.
-_XLA_CACHE = tempfile.mkdtemp(prefix="mingpt-palm-tests-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+# Under pytest-xdist (-n) the controller makes the directory and removes it at its exit, after its
+# workers, which inherit it through the environment.
+_XLA_CACHE = os.environ.get("MINGPT_PALM_TESTS_XLA_CACHE") if os.environ.get("PYTEST_XDIST_WORKER") else None
+if not _XLA_CACHE:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="mingpt-palm-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.update(MINGPT_PALM_TESTS_XLA_CACHE=_XLA_CACHE, JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
+                  JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.3")
 sys.path.insert(0, str(ROOT))
 

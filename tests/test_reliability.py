@@ -41,11 +41,13 @@ def _no_process_left_behind():
             proc.wait(timeout=60)
 
 
-def popen_train(*args, cwd: Path, preexec_fn=None) -> subprocess.Popen:
+def popen_train(*args, cwd: Path, sigint_ignored: bool = False) -> subprocess.Popen:
     """train_char.py in the background; output goes to files so a full pipe can never stall it."""
     out, err = open(cwd / "popen.stdout", "w"), open(cwd / "popen.stderr", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_char.py"), *map(str, args)], cwd=cwd,
-                            env=cli_env(), stdout=out, stderr=err, preexec_fn=preexec_fn)
+    command = [sys.executable, str(ROOT / "train_char.py"), *map(str, args)]
+    if sigint_ignored:  # as a shell without job control starts `command &`; exec keeps the ignore
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    proc = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=out, stderr=err)
     out.close(), err.close()
     _started.append(proc)
     return proc
@@ -248,7 +250,7 @@ def test_ctrl_c_stays_ignored_when_the_run_started_with_it_ignored(shakespeare, 
     args = ["--dataset-path", shakespeare, *TINY, "--max-steps", 100_000, "--checkpoint-interval", 5,
             "--log-interval", 1, "--eval-interval", 0, "--experiment-name", "bg"]
     ckpt = tmp_path / "experiments" / "bg" / "checkpoints"
-    proc = popen_train(*args, cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = popen_train(*args, cwd=tmp_path, sigint_ignored=True)
     wait_until(lambda: (ckpt / "5").is_dir(), proc)
     proc.send_signal(signal.SIGINT)
     wait_until(lambda: (ckpt / "15").is_dir(), proc)  # two more saves: it trained on
