@@ -8,9 +8,14 @@
 import sys
 from pathlib import Path
 
-import tyro
+from mingpt_palm import interrupts
 
-from mingpt_palm.config import EvalConfig, UserError, validate_eval
+if __name__ == "__main__":  # not when a test imports this file
+    interrupts.hold()  # a Ctrl-C from here until the backend is up is acted on then (mingpt_palm/interrupts.py)
+
+import tyro  # noqa: E402
+
+from mingpt_palm.config import EvalConfig, UserError, validate_eval  # noqa: E402
 
 
 def open_experiment(cfg: EvalConfig):
@@ -143,6 +148,10 @@ def score(cfg: EvalConfig, exp, train_cfg, vocab, params, step, corpus) -> None:
 
 
 def run(cfg: EvalConfig) -> int:
+    import jax
+
+    jax.devices()  # the backend starts while a Ctrl-C is still held
+    interrupts.release()
     validate_eval(cfg)
     exp, train_cfg, vocab = open_experiment(cfg)
     need_corpus = cfg.split != "none" or (cfg.sample_steps and cfg.prompt is None and cfg.prompt_file is None)

@@ -9,9 +9,14 @@
 
 import sys
 
-import tyro
+from mingpt_palm import interrupts
 
-from mingpt_palm.config import ModelConfig, TrainConfig, UserError
+if __name__ == "__main__":  # not when a test imports this file
+    interrupts.hold()  # a Ctrl-C from here until the backend is up is acted on then (mingpt_palm/interrupts.py)
+
+import tyro  # noqa: E402
+
+from mingpt_palm.config import ModelConfig, TrainConfig, UserError  # noqa: E402
 from mingpt_palm.presets import PRESETS
 
 

@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 
+from mingpt_palm import interrupts
 from mingpt_palm.config import TrainingStopped, UserError
 
 
@@ -49,7 +50,9 @@ def run(fn, *args, interrupted: str, exit_at_once: bool = False) -> int:
     """
     threading.excepthook = _thread_excepthook
     try:
-        return fn(*args)
+        code = fn(*args)
+        interrupts.release()  # a Ctrl-C held through a run that never started the backend (--print-params)
+        return code
     except UserError as e:
         return fail(str(e), 2)
     except TrainingStopped as e:

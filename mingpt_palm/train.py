@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mingpt_palm import data, evaluate, parallel, sampling, setup
+from mingpt_palm import data, evaluate, interrupts, parallel, sampling, setup
 from mingpt_palm.config import TrainConfig, TrainingStopped, validate_train
 from mingpt_palm.experiment import TensorBoardWriter, is_disk_full, warn
 from mingpt_palm.step import STATUS, Control, train_step
@@ -36,6 +36,8 @@ __all__ = ["TrainingStopped", "train"]
 def train(cfg: TrainConfig) -> int:
     """Run (or continue) one experiment; returns the process exit code."""
     parallel.initialize_distributed(cfg.distributed_timeout)
+    jax.devices()  # the backend starts while a Ctrl-C is still held (train_char.py)
+    interrupts.release()
     validate_train(cfg)
     run = setup.prepare(cfg)
     is_main = jax.process_index() == 0
