@@ -38,7 +38,9 @@ def _unsafe(frame) -> bool:
 
 def _interrupt(signum, frame) -> None:
     if _unsafe(frame):
-        threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+        again = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        again.daemon = True  # a process that ends within the 20 ms is not kept waiting for it
+        again.start()
         return
     raise KeyboardInterrupt
 
