@@ -3,7 +3,7 @@
 Raised at an arbitrary moment of start-up, a KeyboardInterrupt lands inside the initialisation of a C
 extension (an ImportError, an abort or a segfault, each with a traceback), or inside code that swallows
 it (jax's garbage-collection callback, its plugin discovery), and the run then goes on and exits 0.
-Measured on train_char.py with Ctrl-C 0.2-1.7 s after the start: 11 of 32 ended one of those ways.
+Measured on train_char.py with Ctrl-C 0.2-1.7 s after the start: 12 of 36 ended one of those ways.
 
 So the scripts `hold()` SIGINT from their first line: it is only recorded while the libraries load and
 the backend starts. `release()`, called once the backend is up, raises a recorded one there, and from

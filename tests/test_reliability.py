@@ -289,7 +289,7 @@ def test_second_ctrl_c_aborts_cleanly_without_a_partial_checkpoint(shakespeare, 
 
 def test_ctrl_c_in_the_first_second_is_one_line_every_time(shakespeare, tmp_path):
     # Wherever start-up happens to be: importing C extensions, jax's gc callback, its plugin discovery.
-    # Without interrupts.hold, 11 of 32 such Ctrl-Cs (0.2-1.7 s) crashed, printed a traceback, or were
+    # Without interrupts.hold, 12 of 36 such Ctrl-Cs (0.2-1.7 s) crashed, printed a traceback, or were
     # swallowed so that the run trained on (the wait below would then time out).
     args = ["--dataset-path", shakespeare, *TINY, "--max-steps", 100_000, "--eval-interval", 0]
     for i, delay in enumerate((0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3)):
