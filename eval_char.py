@@ -41,12 +41,13 @@ def open_experiment(cfg: EvalConfig):
 
 def restore_params(cfg: EvalConfig, exp, train_cfg):
     """(params, checkpoint step): the abstract train state is rebuilt exactly as training saved it."""
+    from mingpt_palm import checkpoints
+    from mingpt_palm.experiment import warn
     from mingpt_palm.state import build
 
     abstract = build(train_cfg)[-1]
-    state, _, step = exp.restore(abstract, cfg.checkpoint_step, read_only=True)
-    exp.close()
-    return state.params, step
+    restored = checkpoints.restore(exp.checkpoint_dir, abstract, cfg.checkpoint_step, live=exp.lock.holder(), warn=warn)
+    return restored.state.params, restored.step
 
 
 def load_corpus(exp, train_cfg):

@@ -7,6 +7,7 @@
     python train_char.py --preset palm-540b --print-params            # sizes from shapes alone, a dry run
 """
 
+import dataclasses
 import sys
 
 from mingpt_palm import interrupts
@@ -20,51 +21,63 @@ from mingpt_palm.config import ModelConfig, TrainConfig, UserError  # noqa: E402
 from mingpt_palm.presets import PRESETS
 
 
-def parse(argv: list[str]) -> TrainConfig:
-    """The command line, over the defaults its choice of starting point makes.
+def parse(argv: list[str]) -> tuple[TrainConfig, str]:
+    """The command line, over the defaults its start mode makes; returns (config, mode).
 
-    Continuing an experiment: the saved config.json becomes the defaults, so `--experiment-name X
-    --restore-checkpoint` alone continues X, and any flag given now is a deliberate change (train()
-    refuses the ones that would change what the run computes). --init-from X: X's model, vocabulary and
-    corpus are the defaults (train() refuses flags that change the model or the vocabulary). --preset:
-    the preset's model fields are the defaults. In every case a flag given on the command line wins.
+    Continuing an experiment (setup.start_mode: "resume", or "restart" when it has no checkpoint yet):
+    the saved config.json becomes the defaults, so `--experiment-name X --restore-checkpoint` alone
+    continues X, and any flag given now is a deliberate change (train() refuses the ones that would change
+    what the run computes; display flags such as --no-progress apply to this run only). --init-from X:
+    X's model, vocabulary and corpus are the defaults (train() refuses flags that change the model or the
+    vocabulary). --preset: the preset's model fields are the defaults of a new run; beside a continued
+    one it must describe the model the run has. In every case a flag given on the command line wins.
     """
     cfg = tyro.cli(TrainConfig, args=argv)  # --help answers here, before anything slow is imported
-    resuming = cfg.restore_checkpoint or cfg.restore_step is not None
-    if resuming and cfg.init_from is not None:
-        raise UserError("--init-from starts a new experiment from another's parameters and --restore-checkpoint "
-                        "continues an existing one: give one of them (a fine-tuned experiment continues with "
-                        "--experiment-name NAME --restore-checkpoint alone)")
     if cfg.preset is not None and cfg.init_from is not None:
         raise UserError("--preset and --init-from both choose the model (--init-from takes the model of the "
                         "experiment it starts from): give one of them")
-    if cfg.preset is not None and resuming:
-        raise UserError("--preset chooses the model of a new experiment; a continued one keeps the model saved in "
-                        "its config.json: leave out --preset")
-    if resuming and cfg.experiment_name is not None:
+    from mingpt_palm.setup import start_mode
+
+    mode = start_mode(cfg)
+    preset = (TrainConfig(model=ModelConfig(**PRESETS[cfg.preset].model)) if cfg.preset is not None else None)
+    if mode in ("resume", "restart"):
         from mingpt_palm.experiment import Experiment
 
-        exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
-        exp.check_existing()
-        cfg = tyro.cli(TrainConfig, default=exp.read_config(), args=argv)
-    elif cfg.init_from is not None:
+        saved = Experiment(cfg.experiments_dir, cfg.experiment_name).read_config()
+        if preset is not None:
+            _check_preset(cfg.preset, tyro.cli(TrainConfig, default=preset, args=argv).model, saved.model)
+        default = dataclasses.replace(saved, progress=TrainConfig.progress)
+        return tyro.cli(TrainConfig, default=default, args=argv), mode
+    if mode == "finetune":
         from mingpt_palm.setup import finetune_defaults, init_source
 
-        cfg = tyro.cli(TrainConfig, default=finetune_defaults(init_source(cfg).read_config()), args=argv)
-    elif cfg.preset is not None:
-        cfg = tyro.cli(TrainConfig, default=TrainConfig(model=ModelConfig(**PRESETS[cfg.preset].model)), args=argv)
-    return cfg
+        return tyro.cli(TrainConfig, default=finetune_defaults(init_source(cfg).read_config()), args=argv), mode
+    if preset is not None:
+        return tyro.cli(TrainConfig, default=preset, args=argv), mode
+    return cfg, mode
+
+
+def _check_preset(name: str, asked: ModelConfig, saved: ModelConfig) -> None:
+    """A command that starts an experiment from a preset also continues it, as long as the model it
+    describes is the one the experiment has."""
+    keys = [k for k in PRESETS[name].model if k != "num_tokens"]  # a run sets num_tokens from its corpus
+    diffs = [f"model.{k} {getattr(asked, k)!r} (saved: {getattr(saved, k)!r})" for k in keys
+             if getattr(asked, k) != getattr(saved, k)]
+    if diffs:
+        raise UserError(f"--preset {name} describes another model than the experiment was started with "
+                        f"({'; '.join(diffs[:6])}); leave out --preset to continue it with its own, or start a new "
+                        "experiment")
 
 
 def main() -> int:
     from mingpt_palm import cli
 
     def parse_and_train(argv):
-        cfg = parse(argv)
+        cfg, mode = parse(argv)
         if cfg.print_params:
             from mingpt_palm.flops import print_params
 
-            return print_params(cfg)
+            return print_params(cfg, continued=mode in ("resume", "restart"))
         from mingpt_palm.train import train
 
         return train(cfg)

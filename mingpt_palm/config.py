@@ -14,14 +14,7 @@ from typing import Annotated, Any, Literal, Optional
 import tyro
 
 from mingpt_palm import presets
-
-
-class UserError(Exception):
-    """Bad input from the user: the scripts print the message as one line and exit with code 2."""
-
-
-class TrainingStopped(Exception):
-    """The run cannot continue (non-finite steps, a full disk): one line, exit code 1."""
+from mingpt_palm.errors import TrainingStopped, UserError  # noqa: F401 (the names callers import from here)
 
 
 VARIANT_POSITION = {"palm": "rotary", "palm-lite": "alibi", "lamda": "t5", "gpt": "learned"}
@@ -84,10 +77,12 @@ class OptimizerConfig:
     """Peak learning rate, reached at the end of warmup."""
     min_lr_ratio: float = 0.1
     """The cosine decays to learning_rate * min_lr_ratio at max_steps."""
-    warmup_steps: int = 1000
+    warmup_steps: Optional[int] = None
     """Linear warmup over this many optimizer steps: update i uses learning_rate * i / warmup_steps (so
     the first update already moves the weights) and reaches learning_rate at update warmup_steps; 0
-    starts at the peak. Counted in optimizer steps, independent of device count."""
+    starts at the peak. Counted in optimizer steps, independent of device count. Default: 5% of
+    --max-steps, at most 1000, fixed when the run starts (a continued run keeps it). A warmup longer
+    than the run is kept as given: the rate then never reaches its peak (the start-up says so)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to dense kernels only (not norms, not the embedding)."""
     b1: float = 0.9
@@ -137,8 +132,11 @@ class TrainConfig:
     experiments_dir: str = "experiments"
     """Parent directory of all experiment directories."""
     restore_checkpoint: bool = False
-    """Continue the experiment named by --experiment-name from its newest checkpoint, with the settings
-    saved in its config.json (flags given now may change only step counts, intervals and logging)."""
+    """Continue the experiment named by --experiment-name if there is anything to continue: from its
+    newest complete checkpoint, with the settings saved in its config.json (flags given now may change
+    only step counts, intervals and logging); from step 0 with those settings when it has no checkpoint
+    yet (killed before its first save); and as a new experiment when it does not exist yet. So one
+    command line serves the first start and every restart (a scheduler's requeue)."""
     restore_step: Optional[int] = None
     """Continue from this checkpoint step instead of the newest (implies --restore-checkpoint); newer
     checkpoints are moved to superseded_checkpoints/ in the experiment, never deleted."""
@@ -185,6 +183,11 @@ class TrainConfig:
     distributed_timeout: int = 300
     """Seconds a multi-process job waits for every process to join it and to report its settings
     before giving up with an error that names the missing process."""
+    peer_timeout: int = 60
+    """Seconds a process of a multi-process job may go silent while training (each sends a heartbeat
+    every second through the job's coordinator) before the others count it as dead: they stop within
+    this time with one line naming it and the last complete checkpoint (exit 1), so that a scheduler can
+    restart the job, which then resumes."""
     model: ModelConfig = ModelConfig()
     optim: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
@@ -386,7 +389,7 @@ def validate_train(cfg: TrainConfig) -> None:
     # Adam moves every weight by about the learning rate per step: above 1 a single step rewrites the model.
     _require(0 < o.learning_rate <= 1, f"--optim.learning-rate {o.learning_rate} must be in (0, 1]")
     _require(0 <= o.min_lr_ratio <= 1, f"--optim.min-lr-ratio {o.min_lr_ratio} must be in [0, 1]")
-    _require(o.warmup_steps >= 0, f"--optim.warmup-steps {o.warmup_steps} must be >= 0")
+    _require(o.warmup_steps is None or o.warmup_steps >= 0, f"--optim.warmup-steps {o.warmup_steps} must be >= 0")
     _require(o.weight_decay >= 0, f"--optim.weight-decay {o.weight_decay} must be >= 0")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"--optim.b1/--optim.b2 ({o.b1}, {o.b2}) must be in [0, 1)")
     _require(o.eps > 0, f"--optim.eps {o.eps} must be > 0")
@@ -409,7 +412,7 @@ def validate_train(cfg: TrainConfig) -> None:
     _require(cfg.init_from is None or cfg.init_from.strip() != "", "--init-from needs the path of an experiment, "
              "e.g. experiments/X")
     for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
-                 "distributed_timeout", "grad_accum_steps"):
+                 "distributed_timeout", "peer_timeout", "grad_accum_steps"):
         _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     for name in ("eval_interval", "sample_length"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")

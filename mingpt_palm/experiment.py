@@ -2,23 +2,14 @@
 run.lock, checkpoints/, tb/}, and for a sentencepiece tokenizer tokenizer.model and tokens/.
 
 `eval_char.py` rebuilds everything from this directory alone, and `--restore-checkpoint` continues a
-run from it alone: config.json holds the current settings, history.jsonl one record per start or
-resume (the first holds the settings the run began with), corpus.json the size and sha256 of the
-corpus. A training run holds an exclusive `flock` on run.lock for as long as it lives, so a second
-run of the same experiment is refused, and the kernel releases the lock of a process that dies.
-
-Checkpoints are orbax CheckpointManager steps holding the (unreplicated) train state plus a JSON
-record; orbax writes each step into a temporary directory and renames it when complete, so a save
-that is killed midway leaves a `*.orbax-checkpoint-tmp*` directory that is never restored. Old steps
-leave the same way, renamed into checkpoints/deleted/ before they are removed, so every numbered
-directory is a whole checkpoint. One that fails to load all the same is skipped for the one before
-it, and training moves it to damaged_checkpoints/.
+run from it alone: config.json holds the current settings, history.jsonl one record per start
+(the first holds the settings the run began with, the last those it runs with now), corpus.json the
+size and sha256 of the corpus. A training run holds an exclusive `flock` on run.lock for as long as it
+lives, so a second run of the same experiment is refused, and the kernel releases the lock of a
+process that dies. The checkpoints themselves are checkpoints.py's.
 """
-
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -34,54 +25,23 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from mingpt_palm import checkpoints
 from mingpt_palm import config as config_lib
-from mingpt_palm.config import TrainConfig, TrainingStopped, UserError
+from mingpt_palm.config import TrainConfig, UserError
+from mingpt_palm.errors import fs_error, is_disk_full  # noqa: F401 (is_disk_full: callers import it from here)
 from mingpt_palm.data import Vocab
 from mingpt_palm.tokenizers import MODEL_FILE, SentencePieceVocab
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-_TMP_GLOB = "*.orbax-checkpoint-tmp*"
-_TRASH = "deleted"  # checkpoints/deleted/: old steps renamed here by orbax, then removed by us
-_FS_REASONS = {
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EFBIG: "a file grew past the file-size limit",
-    errno.ENAMETOOLONG: "a name is too long for the file system",
-    errno.ENOTDIR: "a part of the path is not a directory",
-}
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def warn(msg: str) -> None:
     if jax.process_index() == 0:  # every process would say the same
         print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def fs_error(doing: str, e: OSError) -> UserError:
-    """One line for a file-system failure: what we were doing, why it failed, on which path."""
-    reason = _FS_REASONS.get(e.errno, e.strerror or type(e).__name__)
-    where = f" ({e.filename})" if e.filename and str(e.filename) not in doing else ""
-    return UserError(f"{doing}: {reason}{where}")
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """True if e, or anything it was raised from, says the disk is full (orbax wraps OSError in its own
-    errors, and tensorstore reports it only in its message)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            return True
-        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded", "File too large")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 class _DropDiskFull(logging.Filter):
@@ -122,18 +82,6 @@ def list_experiments(experiments_dir: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Silence orbax's own error logs while trying a checkpoint: a failure is reported once, by us."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _read_json(path: Path, what: str, fix: str):
     try:
         return json.loads(path.read_text())
@@ -141,10 +89,6 @@ def _read_json(path: Path, what: str, fix: str):
         raise UserError(f"{path} is missing: it holds {what}; {fix}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it holds {what}; {fix}") from None
-
-
-class _Vanished(Exception):
-    """A checkpoint step that a live training run removed (rotation) while it was being read."""
 
 
 class RunLock:
@@ -230,7 +174,7 @@ class RunLock:
 
 
 class Experiment:
-    def __init__(self, experiments_dir: str | Path, name: str, keep: int | None = None, unique: bool = False):
+    def __init__(self, experiments_dir: str | Path, name: str, unique: bool = False):
         if not _NAME.fullmatch(name) or name in (".", ".."):
             raise UserError(
                 f"experiment name {name!r} must be a plain directory name inside {experiments_dir}/ "
@@ -241,11 +185,8 @@ class Experiment:
             raise UserError(f"experiment name {name[:40]!r}... is {len(name.encode())} bytes long; file systems "
                             "allow 255 bytes per name: use at most 250")
         self.experiments_dir = Path(experiments_dir)
-        self.keep = keep  # newest checkpoints kept on disk; None keeps all
         self.unique = unique  # a default name: on a collision, `create` takes the next free suffix
         self.created = False  # this run made the directory (and removes it if it fails before step 1)
-        self._manager = None
-        self._read_only = True
         self._set_name(name)
 
     def _set_name(self, name: str) -> None:
@@ -320,7 +261,6 @@ class Experiment:
     def discard(self) -> None:
         """Remove a directory this run created, when the run failed before its first step: it holds
         nothing worth keeping, and left behind it would block the same command from running again."""
-        self.close()
         self.lock.release(started=False)
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -340,14 +280,42 @@ class Experiment:
     def write_config(self, cfg: TrainConfig) -> None:
         self._write(self.config_path, json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
 
-    def read_config(self) -> TrainConfig:
+    def read_config(self, verify: bool = True) -> TrainConfig:
+        """config.json, checked against the settings the run last started with (history.jsonl): a
+        run-defining value edited by hand would silently change what a resume computes, or what eval
+        rebuilds, so it is refused like the same change given as a flag."""
         fix = ("the first record of history.jsonl there holds the settings the run started with"
                if self.history_path.is_file() else "restore it from a backup")
         raw = _read_json(self.config_path, "the run's settings", fix)
         try:
-            return config_lib.from_dict(TrainConfig, raw, required=config_lib.is_run_defining)
+            cfg = config_lib.from_dict(TrainConfig, raw, required=config_lib.is_run_defining)
         except ValueError as e:
             raise UserError(f"{self.config_path} is damaged ({e}); it holds the run's settings; {fix}") from None
+        started = self.started_config() if verify else None
+        # The corpus is checked by content (corpus.json): a path edited to a moved copy is the same corpus.
+        by_content = self.corpus_path.exists()
+        edited = [d for d in config_lib.differences(started, cfg, config_lib.is_run_defining)
+                  if not (d[0] == "dataset_path" and by_content)] if started else []
+        if edited:
+            listing = "; ".join(f"{path}: {a!r} recorded, {b!r} in config.json" for path, a, b in edited[:6])
+            raise UserError(f"{self.config_path} was changed after the run last started ({listing}); that would "
+                            "silently change what the checkpoints mean: put the recorded values back (the last record "
+                            f"of {self.history_path.name} holds them), or start a new experiment")
+        return cfg
+
+    def started_config(self) -> TrainConfig | None:
+        """The settings of the run's last start as history.jsonl recorded them; None without a readable
+        record (a line cut short by a kill is skipped for the one before it)."""
+        try:
+            lines = self.history_path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        for line in reversed(lines):
+            try:
+                return config_lib.from_dict(TrainConfig, json.loads(line)["config"])
+            except (ValueError, KeyError, TypeError):  # json.JSONDecodeError is a ValueError
+                continue
+        return None
 
     def append_history(self, record: dict) -> None:
         try:
@@ -441,157 +409,20 @@ class Experiment:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"{self.vocab_path} is damaged ({type(e).__name__}: {e}); restore it from a backup") from None
 
-    # --- checkpoints ---------------------------------------------------------------------------
-
-    def manager(self, read_only: bool = False) -> ocp.CheckpointManager:
-        if self._manager is None:
-            self._read_only = read_only
-            # read_only mode only adds warnings; a reader simply never saves, creates or cleans up.
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep,
-                create=not read_only,
-                cleanup_tmp_directories=not read_only,
-                enable_async_checkpointing=True,
-                # orbax removes an old step file by file, so a kill midway would leave a numbered,
-                # half-deleted checkpoint; a rename out of the way first is atomic.
-                todelete_subdir=_TRASH,
-            )
-            self._manager = ocp.CheckpointManager(self.checkpoint_dir, options=options, item_names=("state", "meta"))
-        return self._manager
-
-    def incomplete_checkpoints(self) -> list[str]:
-        return sorted(p.name for p in self.checkpoint_dir.glob(_TMP_GLOB)) if self.checkpoint_dir.is_dir() else []
+    # --- checkpoints (checkpoints.py reads and writes them) ----------------------------------------
 
     def checkpoint_steps(self) -> list[int]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.checkpoint_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        return checkpoints.steps(self.checkpoint_dir)
 
-    def save(self, step: int, state, meta: dict) -> None:
-        """Start an asynchronous save; the next save (or `wait`) waits for this one to finish.
-
-        A state with a non-finite number is never written: the newest checkpoint must always be one
-        a run can continue from, and rotation would otherwise push the good ones out.
-        """
-        self._empty_trash()
-        # Host copies: a process can only write arrays it owns, and pmap's per-device arrays are
-        # not global arrays that orbax could split among processes.
-        state = jax.device_get(state)
-        bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
-               if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
-        if bad:
-            raise TrainingStopped(f"step {step}: the train state holds non-finite numbers ({', '.join(bad[:3])}"
-                                  f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written, the newest in "
-                                  f"{self.checkpoint_dir} is step {max(self.checkpoint_steps(), default='none')}")
-        saved = self.manager().save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                  meta=ocp.args.JsonSave(meta)))
-        # orbax silently skips a step that is not newer than the newest one it knows of; a run that
-        # reports "checkpoint saved" must never have skipped it.
-        if not saved:
-            raise RuntimeError(f"orbax refused to save step {step} in {self.checkpoint_dir} "
-                               f"(existing steps: {self.checkpoint_steps()})")
-
-    def wait(self) -> None:
-        if self._manager is not None:
-            self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        if self._manager is not None:
-            self._manager.close()  # waits for the last save, and for old steps to be renamed away
-            self._manager = None
-            if not self._read_only:  # nothing runs any more: the whole trash can go
-                shutil.rmtree(self.checkpoint_dir / _TRASH, ignore_errors=True)
-
-    def _empty_trash(self) -> None:
-        trash = self.checkpoint_dir / _TRASH
-        if trash.is_dir():
-            for old in trash.iterdir():  # entries only: orbax may be renaming a new one in right now
-                shutil.rmtree(old, ignore_errors=True)
-
-    def restore(self, abstract_state, step: int | None = None, read_only: bool = False):
-        """Restore `step` (default: the newest that loads), falling back past corrupt ones.
-
-        Returns (state, meta, step). Incomplete saves are never candidates; a reader (eval) while a
-        training run holds the lock knows they are saves in progress, not interrupted ones, and that the
-        run may rotate the step it is reading away: then it reads the directory again and takes the
-        newest one there now.
-        """
-        live = read_only and self.lock.holder()
-        for _ in range(10 if live else 1):
-            try:
-                return self._restore(abstract_state, step, read_only, bool(live))
-            except (_Vanished, FileNotFoundError):
-                if not live:
-                    raise
-                self._manager = None  # its list of steps is out of date
-        raise UserError(f"the training run using {self.path} ({live}) removed each checkpoint before it could be "
-                        "read, 10 times; pass --checkpoint-step of a step it keeps, or raise --keep-checkpoints")
-
-    def _restore(self, abstract_state, step, read_only: bool, in_progress: bool):
-        for tmp in self.incomplete_checkpoints():
-            if not in_progress:
-                warn(f"ignoring incomplete checkpoint {self.checkpoint_dir / tmp} (its save was interrupted)")
-        steps = self.checkpoint_steps()
-        if step is not None:
-            if step not in steps:
-                raise UserError(
-                    f"no checkpoint for step {step} in {self.checkpoint_dir} (available: {steps or 'none'})"
-                )
-            candidates = [step]
-        else:
-            candidates = steps[::-1]
-        if not candidates:
-            raise UserError(f"no checkpoint in {self.checkpoint_dir}; train first, or start a new experiment")
-        with _quiet_orbax():  # it reads every step's metadata when it starts
-            mgr = self.manager(read_only=read_only)
-        errors, damaged = [], []
-        for s in candidates:
-            try:
-                with _quiet_orbax():
-                    restored = mgr.restore(
-                        s,
-                        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                meta=ocp.args.JsonRestore()),
-                    )
-            except Exception as e:  # a damaged checkpoint can fail in many layers (json, tensorstore, zarr)
-                if in_progress and not (self.checkpoint_dir / str(s)).is_dir():
-                    raise _Vanished(s) from e  # rotated away by the live run while we read it: not damaged
-                reason = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else "")
-                errors.append(f"step {s}: {reason}")
-                damaged.append(s)
-                warn(f"checkpoint step {s} is unreadable ({reason}); trying an older one")
-                continue
-            if errors:
-                warn(f"restored step {s} instead of the newer, damaged checkpoint(s)")
-                if not read_only:
-                    self._move_steps(damaged, self.damaged_dir, "the damaged checkpoint")
-            return restored["state"], restored["meta"], s
-        raise UserError(f"no readable checkpoint in {self.checkpoint_dir} ({'; '.join(errors)})")
-
-    def supersede_newer(self, step: int) -> None:
-        """Continuing from an older step: the newer checkpoints move to superseded_checkpoints/ (kept,
-        never deleted). Left in place they would make orbax skip every save up to them."""
-        self._move_steps([s for s in self.checkpoint_steps() if s > step], self.superseded_dir,
-                         "the newer checkpoint")
-
-    def _move_steps(self, steps: list[int], dest_dir: Path, what: str) -> None:
-        """Move whole checkpoints out of checkpoints/ (kept for inspection, never deleted).
-
-        Left in place, a step newer than the restored one would make orbax skip every save up to
-        it, and a later restart would stumble over it again.
-        """
-        if not steps:
-            return
-        stamp = f"{datetime.now():%Y-%m-%d-%H%M%S}"
-        try:
-            dest_dir.mkdir(exist_ok=True)
-            for s in steps:
-                dest = dest_dir / f"{s}_{stamp}"
-                (self.checkpoint_dir / str(s)).rename(dest)
-                warn(f"moved {what} step {s} to {dest}")
-        except OSError as e:
-            raise fs_error(f"cannot move {what} out of {self.checkpoint_dir}", e) from None
-        self._manager.reload()
+    def set_aside(self, damaged: list[int], superseded: list[int]) -> dict:
+        """Move checkpoints a continued run must not keep beside its own: damaged ones (unreadable) and, for
+        --restore-step, the newer ones. Kept, never deleted; returns {what: [where]} for history.jsonl."""
+        moved = {}
+        for key, steps_, dest, what in (("damaged", damaged, self.damaged_dir, "the damaged checkpoint"),
+                                        ("superseded", superseded, self.superseded_dir, "the newer checkpoint")):
+            if steps_:
+                moved[key] = checkpoints.set_aside(self.checkpoint_dir, steps_, dest, what, warn)
+        return moved
 
 
 class TensorBoardWriter:

@@ -76,12 +76,12 @@ def sizes(cfg: TrainConfig) -> dict:
             "flops_per_token": 6 * (dense + head) + attention_flops(cfg.model)}
 
 
-def dry_run_vocabulary(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+def dry_run_vocabulary(cfg: TrainConfig, continued: bool = False) -> tuple[TrainConfig, str]:
     """cfg with the vocabulary size a dry run counts with (it reads no corpus), and where that size comes
     from. A run sets num_tokens from its corpus's vocabulary instead."""
     m, d = cfg.model, cfg.data
     later = "a run sets it from its corpus"
-    if cfg.restore_checkpoint or cfg.restore_step is not None:
+    if continued:  # cfg holds the experiment's saved settings
         return cfg, f"{m.num_tokens:,} tokens (the experiment's vocabulary)"
     if cfg.init_from is not None:
         return cfg, f"{m.num_tokens:,} tokens ({cfg.init_from}'s vocabulary)"
@@ -98,10 +98,11 @@ def dry_run_vocabulary(cfg: TrainConfig) -> tuple[TrainConfig, str]:
     return cfg, f"256 tokens (the byte tokenizer's; {later})"
 
 
-def print_params(cfg: TrainConfig) -> int:
-    """--print-params: what cfg's model would be, said from shapes, before anything is read or written."""
+def print_params(cfg: TrainConfig, continued: bool = False) -> int:
+    """--print-params: what cfg's model would be, said from shapes, before anything is read or written.
+    `continued`: cfg is a saved experiment's (its vocabulary size is known)."""
     validate_train(cfg)
-    cfg, vocab = dry_run_vocabulary(cfg)
+    cfg, vocab = dry_run_vocabulary(cfg, continued)
     m, preset = cfg.model, presets.PRESETS.get(cfg.preset)
     s = sizes(cfg)
     name = f"preset {cfg.preset}: {preset.source}; " if preset else ""

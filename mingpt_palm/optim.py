@@ -27,16 +27,23 @@ def _names(mask, decayed: bool) -> list[str]:
     return ["/".join(k.key for k in path) for path, d in jax.tree_util.tree_leaves_with_path(mask) if d == decayed]
 
 
+def resolved_warmup(cfg: OptimizerConfig, max_steps: int) -> int:
+    """--optim.warmup-steps, or its default: 5% of the run, at most 1000 steps (a run of a few hundred
+    steps then still warms up, peaks and decays; a long one warms up over 1000 as GPT-2-sized runs do)."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max_steps // 20)
+
+
 def lr_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
     """The learning rate as a function of optax's update count (0 for the first update).
 
     Update i (1-based) gets learning_rate * i / warmup_steps during the warmup, so the first update
     already learns (a ramp starting at 0 would make it a no-op), learning_rate at update
     warmup_steps, then a cosine to learning_rate * min_lr_ratio at update max_steps, and that floor
-    after. warmup_steps 0 (or 1) starts at the peak. train.py logs schedule(step - skipped) for the
+    after. warmup_steps 0 (or 1) starts at the peak; a warmup longer than the run is kept as given (the
+    rate then never reaches its peak; setup.py says so). train.py logs schedule(step - skipped) for the
     step being taken: the same count optax passes.
     """
-    warmup = max(1, min(cfg.warmup_steps, max_steps))
+    warmup = max(1, resolved_warmup(cfg, max_steps))
     by_update = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,

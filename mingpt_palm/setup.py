@@ -1,41 +1,66 @@
 """Setting a run up: everything that can fail on bad input happens here, before anything is written.
 
-prepare() opens (or checks) the experiment, loads and checks the corpus, resolves the settings
-against a saved run, builds the model and the (restored, fine-tuned from another experiment's
-parameters, or new) state; agree_across_processes() makes the processes
-of a job compare their settings; record_start() writes the experiment's records; announce() says
-what is about to run.
+start_mode() decides how this run starts (new, fine-tune, resume, or start over); prepare() opens (or
+checks) the experiment, loads and checks the corpus, resolves the settings against a saved run, builds
+the model and the (restored, fine-tuned from another experiment's parameters, or new) state;
+agree_across_processes() makes the processes of a job compare their settings; record_new() writes a
+new experiment's records before the first step, record_continued() a continued one's once its first
+step has run; announce() says what is about to run.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+from fractions import Fraction
 import os
+import shutil
 import shlex
 import socket
 import sys
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from mingpt_palm import config as config_lib
-from mingpt_palm import data, parallel, tokenizers
+from mingpt_palm import checkpoints, data, parallel, tokenizers
 from mingpt_palm.config import TrainConfig, UserError
-from mingpt_palm.experiment import Experiment
+from mingpt_palm.experiment import Experiment, warn
 from mingpt_palm.model import PaLM, attention_implementation, compute_dtype, param_count
-from mingpt_palm.optim import lr_schedule, not_decayed
+from mingpt_palm.optim import lr_schedule, not_decayed, resolved_warmup
 from mingpt_palm.state import TrainState, build, init_state
 
 
-def steps_for_epochs(epochs: float, train_bytes: int, seq_len: int, batch_size: int) -> int:
-    """Optimizer steps for `epochs` passes: an epoch is train_bytes / seq_len windows of seq_len targets."""
-    return max(1, math.ceil(epochs * train_bytes / seq_len / batch_size))
+def steps_for_epochs(epochs: float, train_tokens: int, seq_len: int, batch_size: int) -> int:
+    """Optimizer steps for `epochs` passes: an epoch is train_tokens / seq_len windows of seq_len targets.
+
+    In exact arithmetic on the number as written (1.1 is 11/10): float rounding would make 1.1 epochs of
+    3,000 bytes at seq_len 10, batch 1, ceil(330.00000000000006) = 331 steps instead of 330."""
+    windows = Fraction(repr(float(epochs))) * train_tokens / (seq_len * batch_size)
+    return max(1, -(-windows.numerator // windows.denominator))
+
+
+Mode = Literal["new", "finetune", "resume", "restart"]
+
+
+def start_mode(cfg: TrainConfig) -> Mode:
+    """How this run starts, decided here once. --restore-checkpoint means "continue if there is something
+    to continue": the same command line starts an experiment and every restart of it (a scheduler's
+    requeue). So with --restore-checkpoint, an experiment that does not exist yet is started (new, or
+    fine-tuned with --init-from), and one that exists but has no complete checkpoint (killed before its
+    first save) starts over from step 0 with its saved settings ("restart"). --restore-step N needs N."""
+    resuming = cfg.restore_checkpoint or cfg.restore_step is not None
+    if resuming and cfg.experiment_name is None:
+        raise UserError("--restore-checkpoint needs --experiment-name (which experiment to continue)")
+    if resuming:
+        exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
+        if cfg.restore_step is not None or exp.path.exists():
+            exp.check_existing()
+            return "resume" if cfg.restore_step is not None or exp.checkpoint_steps() else "restart"
+    return "finetune" if cfg.init_from is not None else "new"
 
 
 def resume_command(cfg: TrainConfig) -> str:
@@ -55,7 +80,8 @@ def eval_command(cfg: TrainConfig) -> str:
 
 @dataclasses.dataclass
 class Run:
-    cfg: TrainConfig  # as it will be saved: name, max_steps, corpus path and vocabulary size resolved
+    cfg: TrainConfig  # as it will be saved: name, max_steps, corpus path, vocabulary size, dtype, warmup resolved
+    mode: Mode
     exp: Experiment
     corpus: data.Corpus
     fingerprint: dict
@@ -66,11 +92,14 @@ class Run:
     decayed: list
     state: TrainState  # on the host (restored or freshly initialised)
     start: int
-    saved: TrainConfig | None  # the settings of the run being continued (None for a new run)
+    recorded: TrainConfig | None  # the settings of the continued run's last start (None for a new run)
     notes: list  # start-up lines particular to this start (resumes: what changed and what it means)
     stepped: bool = False  # a step has finished: from now on the directory is worth keeping
     init: dict | None = None  # --init-from: the experiment (absolute path) and step the parameters came from
     splits: TokenSplits | None = None  # what batches are cut from
+    # Checkpoints a continued run moves out of the way when its first step has run: {"damaged": [steps],
+    # "superseded": [steps]} (unreadable ones, and with --restore-step the newer ones).
+    set_aside: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -105,23 +134,17 @@ def _token_splits(cfg: TrainConfig, corpus: data.Corpus, vocab) -> TokenSplits:
     return TokenSplits(ids["train"], ids.get("val"), to_cache)
 
 
-def _open_experiment(cfg: TrainConfig, resuming: bool) -> Experiment:
+def _open_experiment(cfg: TrainConfig, mode: Mode) -> Experiment:
     """Name, existence and (when continuing) the lock, before a single byte of the corpus is read."""
     name = cfg.experiment_name
     if name is None:
-        if resuming:
-            raise UserError("--restore-checkpoint needs --experiment-name (which experiment to continue)")
         if jax.process_count() > 1:  # each process would stamp its own time
             raise UserError("a multi-process run needs --experiment-name (the same on every process)")
         name = f"{Path(cfg.dataset_path).stem}_{datetime.now():%Y-%m-%d-%H%M%S}"
-    exp = Experiment(cfg.experiments_dir, name, keep=cfg.keep_checkpoints, unique=cfg.experiment_name is None)
-    if resuming:
-        exp.check_existing()
-        if not exp.checkpoint_steps():
-            raise UserError(f"--restore-checkpoint: {exp.checkpoint_dir} holds no checkpoint to continue from "
-                            f"(the run stopped before its first save); delete {exp.path} to start it over")
+    exp = Experiment(cfg.experiments_dir, name, unique=cfg.experiment_name is None)
+    if mode in ("resume", "restart"):
         if jax.process_index() == 0:
-            # Before orbax looks at the checkpoints: it would delete a live run's save in progress.
+            # Before anything reads the checkpoints: a live run may be saving one right now.
             exp.lock.acquire(shlex.join(sys.argv))
     elif cfg.experiment_name is not None:
         exp.check_new()
@@ -147,7 +170,9 @@ def init_source(cfg: TrainConfig) -> Experiment:
 def finetune_defaults(source: TrainConfig) -> TrainConfig:
     """The defaults of a run started from `source`'s parameters: its model, its vocabulary settings and
     its corpus; everything else (optimizer, steps, batch, seed) a new run's."""
-    return TrainConfig(dataset_path=source.dataset_path, model=source.model, data=source.data)
+    # The compute dtype and the attention kernel are the new run's to choose for its machine (auto).
+    model = dataclasses.replace(source.model, dtype="auto", attention="auto")
+    return TrainConfig(dataset_path=source.dataset_path, model=model, data=source.data)
 
 
 def _finetune_source(cfg: TrainConfig) -> tuple[Experiment, TrainConfig]:
@@ -184,15 +209,13 @@ def _init_from(source: tuple[Experiment, TrainConfig], run_cfg: TrainConfig, tx)
     step the parameters were saved at})."""
     exp, source_cfg = source
     abstract = build(dataclasses.replace(source_cfg, model=run_cfg.model))[4]
-    try:
-        restored, _, step = exp.restore(abstract, read_only=True)
-    finally:
-        exp.close()
+    restored = checkpoints.restore(exp.checkpoint_dir, abstract, warn=warn)
 
     def fresh(params):
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), skipped=jnp.int32(0))
 
-    return jax.block_until_ready(jax.jit(fresh)(restored.params)), {"experiment": str(exp.path.resolve()), "step": step}
+    state = jax.block_until_ready(jax.jit(fresh)(restored.state.params))
+    return state, {"experiment": str(exp.path.resolve()), "step": restored.step}
 
 
 def _load_data(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, source=None):
@@ -223,6 +246,12 @@ def _load_data(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, sou
     return corpus, recorded or data.fingerprint(corpus.path), vocab
 
 
+def _resolved(cfg: TrainConfig) -> TrainConfig:
+    """What `auto` means on this machine, written down: a run saved as "auto" would compute in bfloat16
+    when continued on a GPU after starting on a CPU. The attention kernel stays auto (how, not what)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=compute_dtype(cfg.model).name))
+
+
 def _resolve(cfg: TrainConfig, saved: TrainConfig | None, exp: Experiment, corpus, vocab,
              train_tokens: int | None = None) -> TrainConfig:
     """The settings as they will be saved, checked against the saved ones when continuing. `train_tokens`:
@@ -238,10 +267,12 @@ def _resolve(cfg: TrainConfig, saved: TrainConfig | None, exp: Experiment, corpu
             raise UserError(f"--max-epochs {epochs} means {max_steps:,} steps, more than the 2**31 - 1 a run can take")
     # A file path is stored absolute so that eval_char.py finds the corpus from any directory.
     dataset = cfg.dataset_path if corpus.registered else str(corpus.path.resolve())
-    out = dataclasses.replace(cfg, experiment_name=exp.name, max_steps=max_steps, max_epochs=epochs,
-                              dataset_path=dataset, restore_checkpoint=False, restore_step=None,
-                              model=dataclasses.replace(cfg.model, num_tokens=vocab.size))
+    out = _resolved(dataclasses.replace(
+        cfg, experiment_name=exp.name, max_steps=max_steps, max_epochs=epochs, dataset_path=dataset,
+        restore_checkpoint=False, restore_step=None, model=dataclasses.replace(cfg.model, num_tokens=vocab.size),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=resolved_warmup(cfg.optim, max_steps))))
     if saved is not None:
+        saved = _resolved(saved)  # an experiment saved before dtypes were resolved: what auto means here
         # The corpus is checked by content (corpus.json): a moved file with the same bytes is the same corpus.
         by_content = exp.corpus_path.exists()
         refused = [d for d in config_lib.differences(saved, out, config_lib.is_run_defining)
@@ -272,45 +303,67 @@ def _resume_notes(run_cfg: TrainConfig, saved: TrainConfig, state, meta: dict) -
     return notes
 
 
+def _restart_note(exp: Experiment) -> str:
+    incomplete = checkpoints.incomplete(exp.checkpoint_dir)
+    cut = f" (its save of {incomplete[0].split('.')[0]} was cut short)" if incomplete else ""
+    kept = ("nothing to keep but its TensorBoard logs, which this run replaces"
+            if exp.tb_dir.is_dir() and any(exp.tb_dir.iterdir()) else "nothing to keep")
+    return (f"restart: {exp.path} has no complete checkpoint yet{cut}: starting it over from step 0 with its saved "
+            f"settings (the earlier attempt had {kept})")
+
+
+def _warmup_note(cfg: TrainConfig) -> list[str]:
+    w = cfg.optim.warmup_steps
+    if w <= cfg.max_steps:
+        return []
+    last = float(lr_schedule(cfg.optim, cfg.max_steps)(cfg.max_steps - 1))
+    return [f"schedule: the warmup ({w:,} steps) is longer than the run ({cfg.max_steps:,} steps): the learning rate "
+            f"rises to {last:.3g} and never reaches its peak {cfg.optim.learning_rate:g}"]
+
+
 def prepare(cfg: TrainConfig) -> Run:
-    """Check and build everything a run needs. Writes nothing, except that a continued run takes its
-    lock and moves aside checkpoints it must not continue from (damaged, or newer than --restore-step)."""
-    resuming = cfg.restore_checkpoint or cfg.restore_step is not None
-    exp = _open_experiment(cfg, resuming)
+    """Check and build everything a run needs. Writes nothing: a continued run takes its lock, and what it
+    must move aside (damaged checkpoints, or those newer than --restore-step) moves only once its first
+    step has run (record_continued), so that a refused or failed start leaves the experiment as it was."""
+    mode = start_mode(cfg)
+    exp = _open_experiment(cfg, mode)
     try:
-        saved = exp.read_config() if resuming else None
-        # A resumed run's init_from is only the record of how it began.
-        source = _finetune_source(cfg) if cfg.init_from is not None and not resuming else None
+        continued = mode in ("resume", "restart")
+        saved = exp.read_config() if continued else None
+        # The base that history.jsonl's "changed" is counted from: config.json may have been edited since.
+        recorded = (exp.started_config() or saved) if continued else None
+        source = _finetune_source(cfg) if mode == "finetune" else None
         corpus, fingerprint, vocab = _load_data(cfg, exp, saved, source)
         splits = _token_splits(cfg, corpus, vocab)
         run_cfg = _resolve(cfg, saved, exp, corpus, vocab, train_tokens=len(splits.train))
         parallel.check_batch(run_cfg.batch_size, run_cfg.grad_accum_steps)
         attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
         model, tx, schedule, decayed, abstract = build(run_cfg)
-        make_state = partial(init_state, model, tx, run_cfg)
-        notes, init = [], None
-        if resuming:
-            # Only process 0 moves damaged or superseded checkpoints; the others just read.
-            main = jax.process_index() == 0
-            state, meta, _ = exp.restore(abstract, cfg.restore_step, read_only=not main)
-            if cfg.restore_step is not None and main:
-                exp.supersede_newer(cfg.restore_step)
-            notes = _resume_notes(run_cfg, saved, state, meta)
-        elif source:
+        notes, init, set_aside = _warmup_note(run_cfg), None, {}
+        if mode == "resume":
+            restored = checkpoints.restore(exp.checkpoint_dir, abstract, cfg.restore_step, warn=warn)
+            state = restored.state
+            set_aside = {"damaged": list(restored.damaged),
+                         "superseded": [s for s in exp.checkpoint_steps() if s > restored.step
+                                        and s not in restored.damaged]}
+            notes += _resume_notes(run_cfg, recorded, state, restored.meta)
+        elif mode == "finetune":
             state, init = _init_from(source, run_cfg, tx)
-            notes = [f"init: parameters from {source[0].path} step {init['step']} (step 0 here, fresh optimizer and "
-                     f"schedule){_unknown_note(vocab, corpus)}"]
+            notes.append(f"init: parameters from {source[0].path} step {init['step']} (step 0 here, fresh optimizer "
+                         f"and schedule){_unknown_note(vocab, corpus)}")
         else:
             # Wait on every leaf: reading one output (the step) of a computation whose other output could
             # not be allocated hangs forever on the CPU backend, while waiting on that output raises
             # RESOURCE_EXHAUSTED (jax 0.10).
-            state = jax.block_until_ready(jax.jit(make_state)())
+            state = jax.block_until_ready(jax.jit(partial(init_state, model, tx, run_cfg))())
+            if mode == "restart":
+                notes.append(_restart_note(exp))
         start = int(state.step)
         if start >= run_cfg.max_steps:
             raise UserError(f"{exp.path} is at step {start}, and --max-steps is {run_cfg.max_steps}: nothing to "
                             f"train; pass a larger --max-steps to continue")
-        return Run(run_cfg, exp, corpus, fingerprint, vocab, model, tx, schedule, decayed, state, start, saved, notes,
-                   init=init, splits=splits)
+        return Run(run_cfg, mode, exp, corpus, fingerprint, vocab, model, tx, schedule, decayed, state, start,
+                   recorded, notes, init=init, splits=splits, set_aside=set_aside)
     except BaseException:
         exp.lock.release(started=False)
         raise
@@ -322,36 +375,58 @@ def agree_across_processes(run: Run) -> None:
     # A tokenizer is learned by each process on its own: the same bytes and settings give the same one.
     tokenizer = run.vocab.sha256 if run.vocab.kind == "sentencepiece" else run.vocab.to_json()
     mine = {"config": config_lib.to_dict(run.cfg), "corpus_sha256": run.fingerprint["sha256"], "start": run.start,
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "mode": run.mode}
     for pid, payload in parallel.agree("settings", json.dumps(mine), run.cfg.distributed_timeout):
         theirs = json.loads(payload)
         diffs = [f"{path}: {a!r} here vs {b!r} on process {pid}" for path, a, b in config_lib.differences(
             run.cfg, config_lib.from_dict(TrainConfig, theirs["config"]))]
         diffs += [f"{k}: {mine[k]!r} here vs {theirs[k]!r} on process {pid}"
-                  for k in ("corpus_sha256", "start", "tokenizer") if mine[k] != theirs[k]]
+                  for k in ("corpus_sha256", "start", "tokenizer", "mode") if mine[k] != theirs[k]]
         if diffs:
             raise UserError(f"process {jax.process_index()} and process {pid} were started with different settings "
                             f"({'; '.join(diffs[:6])}); start every process with the same arguments")
 
 
-def record_start(run: Run) -> None:
-    """Process 0 writes the experiment's records: config.json (current settings), one history line."""
-    exp, cfg = run.exp, run.cfg
-    if run.saved is None:
-        exp.create(shlex.join(sys.argv))
-        cfg = run.cfg = dataclasses.replace(cfg, experiment_name=exp.name)  # a default name may have moved on
-        exp.write_corpus(run.fingerprint)
-        exp.write_vocab(run.vocab)
+def _history(run: Run, event: str, **extra) -> dict:
+    cfg = run.cfg
+    # What the run computes or how it is run; not how it is displayed (--no-progress applies to one run).
+    changed = {path: [a, b] for path, a, b in config_lib.differences(run.recorded, cfg) if path != "progress"} \
+        if run.recorded else {}
+    return {"event": event, "time": f"{datetime.now():%Y-%m-%d %H:%M:%S}", "step": run.start,
+            "host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(sys.argv),
+            "devices": jax.device_count(), "processes": jax.process_count(), "changed": changed, **extra,
+            "config": config_lib.to_dict(cfg)}
+
+
+def record_new(run: Run) -> None:
+    """Process 0, before the first step of a new experiment: its directory and records. A run that fails
+    before its first step removes the directory again (train.py), so that the same command can rerun."""
+    exp = run.exp
+    exp.create(shlex.join(sys.argv))
+    run.cfg = dataclasses.replace(run.cfg, experiment_name=exp.name)  # a default name may have moved on
+    exp.write_corpus(run.fingerprint)
+    exp.write_vocab(run.vocab)
+    _write_token_cache(run)
+    exp.write_config(run.cfg)
+    exp.append_history(_history(run, "new", **({"init_from": run.init} if run.init else {})))
+
+
+def record_continued(run: Run) -> None:
+    """Process 0, once the first step of a resumed or restarted run has run: only now does the run change
+    its experiment (moves checkpoints aside, replaces the logs of an attempt that is started over, and
+    writes config.json and a history record), so that a refused or failed start leaves it as it was."""
+    exp = run.exp
+    moved = exp.set_aside(run.set_aside.get("damaged", []), run.set_aside.get("superseded", []))
+    if run.mode == "restart":
+        shutil.rmtree(exp.tb_dir, ignore_errors=True)
+    _write_token_cache(run)
+    exp.write_config(run.cfg)
+    exp.append_history(_history(run, run.mode, **({"moved": moved} if moved else {})))
+
+
+def _write_token_cache(run: Run) -> None:
     for raw, ids in run.splits.to_cache if run.splits else ():
-        exp.write_tokens(run.vocab, raw, ids)
-    changed = {path: [a, b] for path, a, b in config_lib.differences(run.saved, cfg)} if run.saved else {}
-    exp.write_config(cfg)
-    exp.append_history({
-        "event": "resume" if run.saved else "new", "time": f"{datetime.now():%Y-%m-%d %H:%M:%S}", "step": run.start,
-        "host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(sys.argv),
-        "devices": jax.device_count(), "processes": jax.process_count(), "changed": changed,
-        **({"init_from": run.init} if run.init else {}), "config": config_lib.to_dict(cfg),
-    })
+        run.exp.write_tokens(run.vocab, raw, ids)
 
 
 def _attention_note(m) -> str:
@@ -387,5 +462,5 @@ def announce(run: Run) -> None:
     print(f"no weight decay on {len(kept)} biases, norm scales, embeddings and position tables: {', '.join(kept)}")
     for note in run.notes:
         print(note)
-    start_note = f"restored from step {run.start}" if run.saved else "new"
+    start_note = {"new": "new", "finetune": "new", "restart": "started over"}.get(run.mode, f"restored from step {run.start}")
     print(f"experiment: {run.exp.path} ({start_note}); steps {run.start} -> {cfg.max_steps}")

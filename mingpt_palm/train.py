@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mingpt_palm import data, evaluate, interrupts, parallel, sampling, setup
+from mingpt_palm import checkpoints, data, evaluate, interrupts, parallel, sampling, setup
 from mingpt_palm.config import TrainConfig, TrainingStopped, validate_train
 from mingpt_palm.experiment import TensorBoardWriter, is_disk_full, warn
 from mingpt_palm.step import STATUS, Control, train_step
@@ -35,7 +35,7 @@ __all__ = ["TrainingStopped", "train"]
 
 def train(cfg: TrainConfig) -> int:
     """Run (or continue) one experiment; returns the process exit code."""
-    parallel.initialize_distributed(cfg.distributed_timeout)
+    parallel.initialize_distributed(cfg.distributed_timeout, cfg.peer_timeout)
     jax.devices()  # the backend starts while a Ctrl-C is still held (train_char.py)
     interrupts.release()
     validate_train(cfg)
@@ -43,8 +43,8 @@ def train(cfg: TrainConfig) -> int:
     is_main = jax.process_index() == 0
     try:
         setup.agree_across_processes(run)
-        if is_main:
-            setup.record_start(run)
+        if is_main and run.mode in ("new", "finetune"):
+            setup.record_new(run)
         parallel.barrier("experiment directory ready", cfg.distributed_timeout)
         if is_main:
             setup.announce(run)
@@ -154,6 +154,37 @@ class HostCopy:
         return self._out
 
 
+class Throughput:
+    """Steps and training seconds since the last report. Windows run from the moment one step's result is
+    read to the moment another's is (the host's own work in between overlaps the devices' next step).
+    Time inside `timed()` is not training time; the trainer enters it only with no step in flight, so
+    that nothing it subtracts overlapped device work."""
+
+    def __init__(self):
+        self._depth = 0
+        self.reset(time.perf_counter())
+
+    def reset(self, at: float) -> None:
+        self.began, self.excluded, self.steps = at, 0.0, 0
+        self._block_began = at  # a block under way counts into the new window from now on
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Nested blocks (a save that first finishes the previous one) count once, as the outermost."""
+        if not self._depth:
+            self._block_began = time.perf_counter()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.excluded += time.perf_counter() - self._block_began
+
+    def seconds(self, until: float) -> float:
+        return until - self.began - self.excluded
+
+
 class Trainer:
     """The step loop and its periodic work (log, evaluate, save)."""
 
@@ -175,7 +206,8 @@ class Trainer:
             for i in range(cfg.eval_batches)
         ]) if cfg.eval_interval else None
         self.prompt = vocab.encode(np.frombuffer(data.default_prompt(val, cfg.seed), np.uint8))
-        self.writer = TensorBoardWriter(self.exp.tb_dir) if self.is_main else None
+        self.writer: TensorBoardWriter | None = None  # made by began(), once the first step has run
+        self.saver = checkpoints.Saver(self.exp.checkpoint_dir, cfg.keep_checkpoints)
         # A bar on a terminal; otherwise one line per --log-interval steps, which logs can be grepped for.
         self.bar_on = cfg.progress and self.is_main and sys.stdout.isatty()
         self.bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not self.bar_on, dynamic_ncols=True)
@@ -187,7 +219,7 @@ class Trainer:
         self.last_saved, self.last_evaluated, self.halted, self.stop_agreed = run.start, -1, False, False
         self.copy: HostCopy | None = None  # a checkpoint on its way to the host
         self.to_write: tuple | None = None  # (step, meta) of that checkpoint
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.throughput = Throughput()
 
     def make_step(self):
         """The pmapped step. It compiles at its first call; that step's time is reported apart and left
@@ -223,13 +255,16 @@ class Trainer:
     def loop(self) -> int:
         cfg, stop = self.cfg, _StopRequest()
         try:
-            with stop, Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
+            with stop, parallel.PeerWatch(cfg.peer_timeout, self.peer_lost), \
+                    Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
                 self.first_dispatch = time.perf_counter()
                 for step in range(self.run.start, cfg.max_steps):
                     self.rstate, self.control, metrics = self.p_step(
                         self.rstate, self.control, batches.get(step), self.stop_flags(stop.signum is not None))
                     self.pending.append((step + 1, metrics))
-                    self.complete(keep=self.depth)
+                    # The first step (compiling) is read before the second goes out: what starts the run
+                    # (began) then runs with nothing in flight, and the steady windows start after it.
+                    self.complete(keep=self.depth if step > self.run.start else 0)
                     self.start_write()
                     done = step + 1
                     periodic = (cfg.eval_interval and done % cfg.eval_interval == 0) or \
@@ -241,12 +276,12 @@ class Trainer:
                     if periodic:
                         self.periodic(done)
                 self.complete(keep=0)
-            final = int(parallel.unreplicate(self.rstate.step))
-            if self.stop_agreed and self.last_saved != final:
-                self.save(final)
-            elif cfg.eval_interval and self.last_evaluated != final and not self.stop_agreed:
-                self.evaluate(final)
-            self.finish_saves()
+                final = int(parallel.unreplicate(self.rstate.step))
+                if self.stop_agreed and self.last_saved != final:
+                    self.save(final)
+                elif cfg.eval_interval and self.last_evaluated != final and not self.stop_agreed:
+                    self.evaluate(final)
+                self.finish_saves()
         finally:
             self.close()
         return self.report(stop, final)
@@ -265,6 +300,7 @@ class Trainer:
     def step_done(self, step: int, metrics) -> None:
         """Host-side bookkeeping for a finished step: its status always, its metrics when it is logged."""
         jax.block_until_ready(metrics["status"])  # every local device: a pending all-reduce is over
+        self.read_at = time.perf_counter()
         s = dict(zip(STATUS, parallel.unreplicate(metrics["status"]).tolist()))
         self.run.stepped = True
         if self.halted:
@@ -274,12 +310,13 @@ class Trainer:
         self.stop_agreed = bool(s["stop"])
         give_up = self.halted and not self.stop_agreed
         if step == self.run.start + 1:
+            self.began()
             cache = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
             self.say(f"first step: {time.perf_counter() - self.first_dispatch:.1f} s, compiling the train step"
                      f"{' (or loading it from the compilation cache)' if cache else ''} included (left out of tokens/s)")
-            self.window_start, self.window_steps = time.perf_counter(), 0
+            self.throughput.reset(time.perf_counter())  # nothing is in flight yet (loop): began() is not training
         else:
-            self.window_steps += 1
+            self.throughput.steps += 1
         self.skipped_total += not s["finite"]
         if not s["finite"]:
             warn(f"step {step}: non-finite loss, gradient or update (loss {s['loss']}, grad norm {s['grad_norm']}); "
@@ -297,6 +334,28 @@ class Trainer:
                 "--optim.learning-rate or --model.dtype float32, then resume with --restore-checkpoint"
             )
 
+    def began(self) -> None:
+        """The first step has run: the run is under way, and only now does it change its experiment. A
+        continued run moves aside what it must and writes its records (a refused or failed start leaves
+        the experiment as it was); the logs open after that (a run started over replaces the old ones)."""
+        if self.run.mode in ("resume", "restart"):
+            if self.is_main:
+                setup.record_continued(self.run)
+            parallel.barrier("continued run recorded", self.cfg.distributed_timeout)
+        if self.is_main:
+            self.writer = TensorBoardWriter(self.exp.tb_dir)
+
+    def peer_lost(self, reason: str) -> None:
+        """PeerWatch's verdict (on its thread): this process cannot go on without the other. One line, exit 1;
+        the main thread may be stuck in a collective with the dead process, so nothing waits for it."""
+        complete = self.exp.checkpoint_steps()
+        last = f"step {complete[-1]} in {self.exp.checkpoint_dir}" if complete else "none yet"
+        print(f"error: {reason}; this process (process {jax.process_index()}) stops too. The last complete checkpoint "
+              f"is {last}; restart every process of the job with: {setup.resume_command(self.cfg)}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
     # --- periodic work -------------------------------------------------------------------------------
 
     def log(self, step: int, metrics) -> None:
@@ -304,11 +363,10 @@ class Trainer:
             "loss", "bpc", "z_loss", "lr", "grad_norm")}).items()}
         if self.run.vocab.kind == "sentencepiece":  # the step's bpc is per token; per byte is what compares
             m["bits_per_token"], m["bpc"] = m["bpc"], m["bpc"] * self.tokens_per_step / self.batch_bytes(step - 1)
-        elapsed = time.perf_counter() - self.window_start
+        steps, seconds = self.throughput.steps, self.throughput.seconds(until=self.read_at)
         # No steady-state figure yet when the window holds only the first (compiling) step.
-        tok_s = self.window_steps * self.tokens_per_step / max(elapsed, 1e-9) if self.window_steps else None
-        speed = (f"{tok_s:,.0f} tokens/s, {1e3 * elapsed / self.window_steps:.1f} ms/step" if tok_s is not None
-                 else "first step")
+        tok_s = steps * self.tokens_per_step / max(seconds, 1e-9) if steps else None
+        speed = f"{tok_s:,.0f} tokens/s, {1e3 * seconds / steps:.1f} ms/step" if tok_s is not None else "first step"
         if self.bar_on:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s or 0:,.0f}")
         else:
@@ -325,23 +383,23 @@ class Trainer:
             if tok_s is not None:
                 scalars["train/tokens_per_second"] = tok_s
             self.writer.scalars(step, scalars)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.throughput.reset(self.read_at)
 
     @contextlib.contextmanager
-    def not_training_time(self):
-        """Evaluation and checkpointing are left out of the logged tokens/s."""
-        began = time.perf_counter()
-        try:
+    def off_the_clock(self):
+        """Periodic work (evaluation, saving), timed out of tokens/s. The steps in flight are finished first:
+        time during which the devices compute is training time, and taking it out would inflate tokens/s."""
+        self.complete(keep=0)
+        with self.throughput.timed():
             yield
-        finally:
-            self.window_start += time.perf_counter() - began
 
     def evaluate(self, step: int) -> None:
-        with self.not_training_time():
+        with self.off_the_clock():
             self.last_evaluated = step
             rparams = self.rstate.params
+            # Windows of one micro-batch at a time: a device that fits training fits its evaluation.
             result = evaluate.score(self.p_eval, rparams, self.val_tokens,
-                                    np.ones(self.val_tokens[:, 1:].shape, np.float32), self.local_batch,
+                                    np.ones(self.val_tokens[:, 1:].shape, np.float32), self.local_batch // self.accum,
                                     self.run.vocab.byte_lengths)
             if self.writer:
                 # val/bpc is bits per byte for every tokenizer (for byte and char ids the same as per token).
@@ -364,7 +422,7 @@ class Trainer:
         thread, and handed to orbax (which writes asynchronously) on the main thread once it is there:
         orbax's own threads and event loop belong to the main thread. The previous save must have finished
         first, so that a failure is blamed on the step that failed."""
-        with self.not_training_time():
+        with self.off_the_clock():
             self.finish_saves()
             snapshot = jax.tree.map(jnp.copy, parallel.first_replica(self.rstate))
             meta = {"step": step, "seed": self.cfg.seed, "tokens_seen": step * self.tokens_per_step,
@@ -382,16 +440,19 @@ class Trainer:
         """Hand a checkpoint whose host copy is complete to orbax (`wait`: block for the copy)."""
         if self.to_write is None or not (wait or self.copy.done()):
             return
-        step, meta = self.to_write
-        self.to_write = None
-        with self.not_training_time(), self.stopping_on_a_full_disk(step):
-            self.exp.save(step, self.copy.result(), meta)
-        self.copy = None
+        # Handed over only once the drain (which may find the run halted, and raise) is through: close()
+        # then still writes a checkpoint taken just before the step that stopped the run.
+        with self.off_the_clock():
+            step, meta = self.to_write
+            self.to_write = None
+            with self.stopping_on_a_full_disk(step):
+                self.saver.save(step, self.copy.result(), meta)
+            self.copy = None
 
     def finish_saves(self) -> None:
         self.start_write(wait=True)
         with self.stopping_on_a_full_disk(self.last_saved):
-            self.exp.wait()
+            self.saver.wait()
 
     @contextlib.contextmanager
     def stopping_on_a_full_disk(self, step: int):
@@ -416,7 +477,7 @@ class Trainer:
         with contextlib.suppress(Exception):
             self.start_write(wait=True)
         with contextlib.suppress(Exception):  # after a failed save orbax raises its error again here
-            self.exp.close()
+            self.saver.close()
         if self.writer:
             with contextlib.suppress(Exception):
                 self.writer.close()

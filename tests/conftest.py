@@ -132,3 +132,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """run(script, *args, cwd=...): train_char.py or eval_char.py called in this process, as its command line
+    would call it: a CompletedProcess of its exit code and what it printed. A refusal or a short run costs a
+    fraction of a second this way, against seconds for a new Python process that imports jax."""
+    import importlib
+
+    def run(script: str, *args, cwd) -> subprocess.CompletedProcess:
+        module = importlib.import_module(script.removesuffix(".py"))
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        capsys.readouterr()
+        code = module.main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    return run

@@ -98,8 +98,10 @@ def test_another_corpus_maps_bytes_outside_the_vocabulary_to_unknown(source, tmp
     (["--init-from", "experiments/empty"], ["--init-from experiments/empty:", "holds no checkpoint"]),
     (["--init-from", "experiments/X", "--model.dim", "32"], ["--model.dim 32 (it has 64)", "keeps its architecture"]),
     (["--init-from", "experiments/X", "--data.vocab", "byte"], ["--data.tokenizer 'byte' (it has 'char')"]),
+    # A fine-tune's own command line with --restore-checkpoint continues the experiment it made (here X,
+    # at its end already): --init-from then only records how it began.
     (["--init-from", "experiments/X", "--experiment-name", "X", "--restore-checkpoint"],
-     ["--init-from starts a new experiment", "give one of them"]),
+     ["experiments/X is at step 4, and --max-steps is 2: nothing to train"]),
     (["--init-from", "experiments/X", "--preset", "gpt2-small"], ["--preset and --init-from both choose the model"]),
 ])
 def test_refusals_change_nothing(source, tmp_path, args, fragments):

@@ -228,18 +228,18 @@ def test_a_step_whose_update_is_not_finite_is_skipped():
 
 
 def test_a_state_with_nan_is_never_saved(tmp_path):
+    from mingpt_palm.checkpoints import Saver
     from mingpt_palm.config import TrainingStopped
-    from mingpt_palm.experiment import Experiment
 
-    exp = Experiment(tmp_path, "x", keep=2)
+    saver = Saver(tmp_path / "checkpoints", keep=2)
     state = {"params": {"w": np.ones(3, np.float32)}, "step": np.int32(1)}
-    exp.save(1, state, {"step": 1})
-    exp.wait()
+    saver.save(1, state, {"step": 1})
+    saver.wait()
     with pytest.raises(TrainingStopped, match=r"step 2: the train state holds non-finite numbers .*newest in .* is "
                                               r"step 1"):
-        exp.save(2, {"params": {"w": np.array([1, np.nan, 1], np.float32)}, "step": np.int32(2)}, {"step": 2})
-    exp.close()
-    assert steps_in(exp.checkpoint_dir) == [1]
+        saver.save(2, {"params": {"w": np.array([1, np.nan, 1], np.float32)}, "step": np.int32(2)}, {"step": 2})
+    saver.close()
+    assert steps_in(tmp_path / "checkpoints") == [1]
 
 
 def test_a_nan_streak_never_rotates_away_the_last_good_parameters(tmp_path, monkeypatch, capsys):

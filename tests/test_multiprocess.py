@@ -129,3 +129,104 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(shakespeare, tmp
     step = int(outs[0][1].split("at step ")[1].split(";")[0])
     assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == step
     assert f"--experiments-dir {tmp_path} --experiment-name sig --restore-checkpoint" in outs[0][1]
+
+
+# --- resume, and a process that dies --------------------------------------------------------------
+
+TWO = [*TINY, "--max-steps", 40, "--checkpoint-interval", 10, "--keep-checkpoints", 10, "--eval-interval", 0,
+       "--log-interval", 1, "--peer-timeout", 5]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """experiments/ref: 40 uninterrupted steps of a two-process job (2 x 2 devices)."""
+    from conftest import SHAKESPEARE, need_data
+
+    root = tmp_path_factory.mktemp("two")
+    args = ["--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", root, *TWO, "--experiment-name", "ref"]
+    procs = start_job([args, args])
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return root / "ref"
+
+
+def steps_in(ckpt) -> list[int]:
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err and "Check failure" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def assert_same_state(a, b) -> None:
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+def test_a_dead_coordinator_is_named_and_the_job_resumes_bit_exact(shakespeare, tmp_path, reference):
+    """kill -9 of process 0, which hosts the job's coordinator: process 1 stops within --peer-timeout with
+    one line naming it and the last complete checkpoint (its jax client used to abort at once with a C++
+    stack trace). The same job restarted with --restore-checkpoint alone continues from there, and so does
+    one with --restore-step (every process then sees the newer checkpoints gone): both end bit for bit
+    where the uninterrupted job did. Continuing a multi-process experiment used to fail in orbax."""
+    exp = tmp_path / "cut"
+    args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TWO, "--experiment-name", "cut"]
+    procs = start_job([args, args])
+    try:
+        deadline = time.monotonic() + 240
+        while not steps_in(exp / "checkpoints") and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.002)
+        procs[0].kill()
+        killed = time.monotonic()
+        procs[1].wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        outs = finish(procs)
+    assert procs[0].returncode == -signal.SIGKILL, "the job ended before the kill: make it longer"
+    line = one_error_line(outs[1][1])
+    assert procs[1].returncode == 1 and took < 30, (procs[1].returncode, took, line)
+    saved = steps_in(exp / "checkpoints")[-1]
+    assert line.startswith("error: process 0 of 2 sent no heartbeat for 5 s (killed, or its host went down?); "
+                           "this process (process 1) stops too. "), line
+    assert (f"The last complete checkpoint is step {saved} in {exp / 'checkpoints'}; restart every process of the "
+            f"job with: python train_char.py --experiments-dir {tmp_path} --experiment-name cut --restore-checkpoint"
+            in line), line
+
+    resume = ["--experiments-dir", tmp_path, "--experiment-name", "cut"]
+    procs = start_job([[*resume, "--restore-checkpoint"]] * 2)
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert f"(restored from step {saved}); steps {saved} -> 40" in outs[0][0]
+    assert_same_state(load_state(reference, 40), load_state(exp, 40))
+
+    procs = start_job([[*resume, "--restore-step", 10]] * 2)
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "(restored from step 10); steps 10 -> 40" in outs[0][0]
+    assert steps_in(exp / "checkpoints") == [10, 20, 30, 40]  # saved anew on every process: none skipped
+    assert sorted(p.name.split("_")[0] for p in (exp / "superseded_checkpoints").iterdir()) == ["20", "30", "40"]
+    assert_same_state(load_state(reference, 40), load_state(exp, 40))
+
+
+def test_a_dead_process_is_named_by_the_others(shakespeare, tmp_path):
+    """kill -9 of process 1 after a checkpoint: process 0 used to wait ~93 s, then abort (exit 134) with
+    21 lines of XLA coordination errors and a C++ stack trace."""
+    args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TWO, "--max-steps", 100_000,
+            "--experiment-name", "dead"]
+    procs = start_job([args, args])
+    try:
+        deadline = time.monotonic() + 240
+        while not steps_in(tmp_path / "dead" / "checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        procs[1].kill()
+        killed = time.monotonic()
+        procs[0].wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        outs = finish(procs)
+    line = one_error_line(outs[0][1])
+    assert procs[0].returncode == 1 and 4 < took < 30, (procs[0].returncode, took, line)
+    assert "error: process 1 of 2 sent no heartbeat for 5 s (killed, or its host went down?); this process " \
+           "(process 0) stops too. The last complete checkpoint is step " in line, line

@@ -6,7 +6,7 @@ import pytest
 
 from mingpt_palm.config import ModelConfig, OptimizerConfig
 from mingpt_palm.model import PaLM
-from mingpt_palm.optim import decay_mask, lr_schedule, make_optimizer
+from mingpt_palm.optim import decay_mask, lr_schedule, make_optimizer, resolved_warmup
 
 
 def _params():
@@ -57,6 +57,23 @@ def test_schedule_values():
         assert float(s(0)) == pytest.approx(1e-3, rel=1e-6)
         assert float(s(5)) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-5)  # update 6 of 1 -> 11
         assert float(s(10)) == pytest.approx(1e-4, rel=1e-5)
+
+
+def test_a_short_run_gets_a_real_schedule_and_a_long_warmup_is_kept():
+    """The warmup used to be cut to --max-steps: with the default 1000 every run of up to 1000 steps was
+    all warmup and never decayed, --optim.warmup-steps 100000 --max-steps 5 trained at the peak, and a
+    200-step run extended to 1000 went from 6e-4 at update 200 to 1.2e-4 at 201, then climbed again."""
+    assert resolved_warmup(OptimizerConfig(), 200) == 10 and resolved_warmup(OptimizerConfig(), 100_000) == 1000
+    s = lr_schedule(OptimizerConfig(), 200)
+    assert float(s(9)) == pytest.approx(6e-4, rel=1e-5) and float(s(199)) == pytest.approx(6e-5, rel=1e-5)
+    s = lr_schedule(OptimizerConfig(warmup_steps=100_000), 5)
+    # 3e-8, as --help says. rel 2e-3: optax ramps as peak - peak * (1 - i / W) in float32, which cancels
+    # down to a few significant digits this early in a long warmup; the cut warmup gave 6e-4 (20,000x).
+    assert float(s(4)) == pytest.approx(6e-4 * 5 / 100_000, rel=2e-3)
+    # A continued run keeps the warmup it started with (setup.py saves it): extended, the rate only decays.
+    extended = lr_schedule(OptimizerConfig(warmup_steps=resolved_warmup(OptimizerConfig(), 200)), 1000)
+    rates = [float(extended(c)) for c in range(199, 1000)]
+    assert all(b <= a for a, b in zip(rates, rates[1:])) and rates[0] < 6e-4
 
 
 def test_the_schedule_is_the_rate_optax_applies():

@@ -89,20 +89,25 @@ def test_without_a_preset_the_vocabulary_is_the_default_and_said_so(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_preset_is_the_default_of_a_real_run(shakespeare, tmp_path):
+def test_a_preset_is_the_default_of_a_real_run_and_of_its_restarts(shakespeare, tmp_path):
     """gpt2-small's shape, shrunk by flags: the flags win, the preset supplies the rest (variant, ff_mult),
-    and num_tokens comes from the corpus (256 bytes), not from the preset's 50,257."""
-    run_cli("train_char.py", "--dataset-path", shakespeare, "--experiment-name", "g", "--preset", "gpt2-small",
-            *TINY, "--max-steps", 1, "--eval-interval", 0, cwd=tmp_path)
+    and num_tokens comes from the corpus (256 bytes), not from the preset's 50,257. The same command line,
+    --restore-checkpoint included, starts the experiment and continues it; a preset that describes another
+    model than the experiment's is refused, changing nothing."""
+    command = ["--dataset-path", shakespeare, "--experiment-name", "g", "--preset", "gpt2-small", *TINY,
+               "--eval-interval", 0, "--restore-checkpoint"]
+    first = run_cli("train_char.py", *command, "--max-steps", 1, cwd=tmp_path)
+    assert "experiment: experiments/g (new); steps 0 -> 1" in first.stdout
     config = json.loads((tmp_path / "experiments" / "g" / "config.json").read_text())
     assert config["preset"] == "gpt2-small"
     assert {k: config["model"][k] for k in ("variant", "dim", "depth", "heads", "dim_head", "seq_len", "num_tokens")} \
         == {"variant": "gpt", "dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "seq_len": 64, "num_tokens": 256}
+    again = run_cli("train_char.py", *command, "--max-steps", 2, cwd=tmp_path)
+    assert "experiment: experiments/g (restored from step 1); steps 1 -> 2" in again.stdout
 
-
-def test_a_preset_cannot_change_a_continued_run(tmp_path):
     before = snapshot(tmp_path)
-    proc = run_cli("train_char.py", "--experiment-name", "x", "--restore-checkpoint", "--preset", "palm-8b",
-                   cwd=tmp_path, devices=1, check=False)
-    assert_user_error(proc, "--preset chooses the model of a new experiment", "leave out --preset")
+    proc = run_cli("train_char.py", "--experiment-name", "g", "--restore-checkpoint", "--preset", "palm-8b",
+                   "--max-steps", 3, cwd=tmp_path, check=False)
+    assert_user_error(proc, "--preset palm-8b describes another model than the experiment was started with",
+                      "model.variant 'palm' (saved: 'gpt')", "leave out --preset")
     assert_unchanged(before, snapshot(tmp_path))

@@ -579,12 +579,10 @@ BAD_INPUT = {
                                  ["--model.attention cudnn cannot run here: it needs an NVIDIA GPU (this is cpu)"]),
     "experiment exists": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "base"],
                           ["experiments/base already exists; pass --restore-checkpoint", "nothing was changed"]),
-    "restore unknown experiment": ("train_char.py", [*SHAKES, *NEW, "--restore-checkpoint"],
-                                   ["no experiment 'fresh' in experiments/", "base"]),
+    "restore a step of an unknown experiment": ("train_char.py", [*SHAKES, *NEW, "--restore-step", 5],
+                                                ["no experiment 'fresh' in experiments/", "base"]),
     "restore without a name": ("train_char.py", [*SHAKES, *TINY, "--max-steps", 2, "--restore-checkpoint"],
                                ["--restore-checkpoint needs --experiment-name"]),
-    "restore without checkpoint": ("train_char.py", [*SHAKES, *NEW, "--experiment-name", "bare",
-                                                     "--restore-checkpoint"], ["holds no checkpoint to continue from"]),
     "restore with another model": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--model.dim", 32,
                                                      "--model.depth", 3],
                                    ["cannot continue experiments/base with different settings",
@@ -607,6 +605,12 @@ BAD_INPUT = {
                                      f"it was trained on {SHAKESPEARE.resolve()}"]),
     "restore with nothing left to train": ("train_char.py", ["--experiment-name", "base", "--restore-checkpoint"],
                                            ["experiments/base is at step 10, and --max-steps is 10: nothing to train"]),
+    # Refused before anything moves: --restore-step once set checkpoint 10 aside first, and the next
+    # plain --restore-checkpoint then continued from 5 without a word.
+    "restore an older step with nothing to train": ("train_char.py", ["--experiment-name", "base", "--restore-step",
+                                                                      5, "--max-steps", 5],
+                                                    ["experiments/base is at step 5, and --max-steps is 5: nothing to "
+                                                     "train"]),
     "restore an older step that does not exist": ("train_char.py", ["--experiment-name", "base", "--restore-step", 7,
                                                                     "--max-steps", 20],
                                                   ["no checkpoint for step 7", "available: [5, 10]"]),

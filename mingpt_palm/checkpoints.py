@@ -1,0 +1,236 @@
+"""Checkpoints: orbax steps under experiments/<name>/checkpoints/, restored with fallback, written asynchronously.
+
+Each step holds the (unreplicated) train state and a JSON record. orbax writes a step into a
+temporary directory and renames it when complete, so a save that is killed midway leaves a
+`*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the same way, renamed into
+checkpoints/deleted/ before they are removed, so every numbered directory is a whole checkpoint. One
+that fails to load all the same is skipped for the one before it.
+
+Reading and writing are kept apart, because in a multi-process job they are different kinds of act.
+A read (`restore`) is each process's own: no collective runs, so processes can never disagree on one
+inside orbax, and they compare what they read afterwards (train.py's settings agreement). Writing goes
+through one orbax CheckpointManager (`Saver`) that every process creates alike at the first save,
+after anything that had to move out of the way (`set_aside`) has moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mingpt_palm.errors import TrainingStopped, UserError, fs_error
+
+TMP_GLOB = "*.orbax-checkpoint-tmp*"
+_TRASH = "deleted"  # checkpoints/deleted/: old steps renamed here by orbax, then removed by us
+
+
+def steps(directory: Path) -> list[int]:
+    """The complete checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def incomplete(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob(TMP_GLOB)) if directory.is_dir() else []
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence orbax's own error logs while trying a checkpoint: a failure is reported once, by us."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reader() -> ocp.Checkpointer:
+    # active_processes of this process alone: orbax then runs no cross-process barrier.
+    me = jax.process_index()
+    handler = ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+    return ocp.Checkpointer(handler, multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
+class Vanished(Exception):
+    """A checkpoint step that a live training run removed (rotation) while it was being read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    state: Any
+    meta: dict
+    step: int
+    damaged: tuple[int, ...]  # newer steps that could not be read (nothing moved yet: see set_aside)
+
+
+def restore(directory: Path, abstract_state, step: int | None = None, *, live: str | None = None,
+            warn=print) -> Restored:
+    """Restore `step` (default: the newest that loads, falling back past damaged ones). Reads only.
+
+    `live`: a training run holding the experiment (its description), when the caller only reads
+    beside it (eval): its saves in progress are not called interrupted, and a step it rotates away
+    while it is read makes this read the directory again and take the newest one there now.
+    """
+    for _ in range(10 if live else 1):
+        try:
+            return _restore(directory, abstract_state, step, live, warn)
+        except (Vanished, FileNotFoundError):
+            if not live:
+                raise
+    raise UserError(f"the training run using {directory.parent} ({live}) removed each checkpoint before it could be "
+                    "read, 10 times; pass --checkpoint-step of a step it keeps, or raise --keep-checkpoints")
+
+
+def _restore(directory: Path, abstract_state, step, live, warn) -> Restored:
+    if not live:
+        for tmp in incomplete(directory):
+            warn(f"ignoring incomplete checkpoint {directory / tmp} (its save was interrupted)")
+    available = steps(directory)
+    if step is not None and step not in available:
+        raise UserError(f"no checkpoint for step {step} in {directory} (available: {available or 'none'})")
+    candidates = [step] if step is not None else available[::-1]
+    if not candidates:
+        raise UserError(f"no checkpoint in {directory}; train first, or start a new experiment")
+    errors = []
+    with _reader() as reader:
+        for s in candidates:
+            try:
+                with _quiet_orbax():
+                    check_shapes(reader, directory / str(s), abstract_state.params)
+                    restored = reader.restore(directory / str(s), args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            except UserError:
+                raise
+            except Exception as e:  # a damaged checkpoint can fail in many layers (json, tensorstore, zarr)
+                if live and not (directory / str(s)).is_dir():
+                    raise Vanished(s) from e  # rotated away by the live run while we read it: not damaged
+                reason = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else "")
+                errors.append(f"step {s}: {reason}")
+                warn(f"checkpoint step {s} is unreadable ({reason}); trying an older one")
+                continue
+            if errors:
+                warn(f"restored step {s} instead of the newer, damaged checkpoint(s)")
+            damaged = tuple(c for c in candidates if c > s)
+            return Restored(restored["state"], restored["meta"], s, damaged)
+    raise UserError(f"no readable checkpoint in {directory} ({'; '.join(errors)})")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_shapes(reader: ocp.Checkpointer, step_dir: Path, abstract_params) -> None:
+    """UserError when the checkpoint's parameters have other names or shapes than the model the
+    experiment's config.json describes: the config does not belong to these checkpoints (an edited
+    file), and every step would fail alike, so no fallback to an older one could help."""
+    saved_state = reader.metadata(step_dir).item_metadata["state"]
+    saved = _shapes(saved_state["params"])
+    wanted = _shapes(abstract_params)
+    if saved == wanted:
+        return
+    diffs = [f"{k} is {list(saved[k])} there, {list(wanted[k])} in config.json"
+             for k in wanted if k in saved and saved[k] != wanted[k]]
+    diffs += [f"{k} is missing there" for k in wanted if k not in saved]
+    diffs += [f"{k} is not in the model config.json describes" for k in saved if k not in wanted]
+    raise UserError(f"the model in {step_dir.parent.parent / 'config.json'} does not match checkpoint step "
+                    f"{step_dir.name} ({len(diffs)} parameter(s) differ: {'; '.join(diffs[:3])}"
+                    f"{'; ...' if len(diffs) > 3 else ''}): the checkpoints were trained with other model settings; "
+                    "put back the ones they were trained with (history.jsonl records them)")
+
+
+def set_aside(directory: Path, moved: list[int], dest_dir: Path, what: str, warn=print) -> list[str]:
+    """Move whole checkpoints out of `directory` into dest_dir/<step>_<time> (kept, never deleted);
+    returns where they went. Left in place, a step newer than the one a run continues from would make
+    orbax skip every save up to it, and a later restart would stumble over it again."""
+    stamp, out = f"{datetime.now():%Y-%m-%d-%H%M%S}", []
+    try:
+        if moved:
+            dest_dir.mkdir(exist_ok=True)
+        for s in moved:
+            dest = dest_dir / f"{s}_{stamp}"
+            (directory / str(s)).rename(dest)
+            warn(f"moved {what} step {s} to {dest}")
+            out.append(str(dest))
+    except OSError as e:
+        raise fs_error(f"cannot move {what} out of {directory}", e) from None
+    return out
+
+
+def nonfinite_leaves(state) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
+            if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
+
+
+class Saver:
+    """The write side: one orbax CheckpointManager, made at the first save. In a multi-process job every
+    process makes it at the same step with the same options (its constructor runs collectives)."""
+
+    def __init__(self, directory: Path, keep: int | None):
+        self.directory, self.keep = directory, keep
+        self._manager: ocp.CheckpointManager | None = None
+
+    def _open(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep,
+                create=True,
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=True,
+                # orbax removes an old step file by file, so a kill midway would leave a numbered,
+                # half-deleted checkpoint; a rename out of the way first is atomic.
+                todelete_subdir=_TRASH,
+            )
+            with _quiet_orbax():  # it reads every step's metadata when it starts
+                self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        return self._manager
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Start an asynchronous save; the next save (or `wait`) waits for this one to finish.
+
+        A state with a non-finite number is never written: the newest checkpoint must always be one
+        a run can continue from, and rotation would otherwise push the good ones out.
+        """
+        self._empty_trash()
+        # Host copies: a process can only write arrays it owns, and pmap's per-device arrays are
+        # not global arrays that orbax could split among processes.
+        state = jax.device_get(state)
+        if bad := nonfinite_leaves(state):
+            raise TrainingStopped(f"step {step}: the train state holds non-finite numbers ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written, the newest in "
+                                  f"{self.directory} is step {max(steps(self.directory), default='none')}")
+        saved = self._open().save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)))
+        # orbax silently skips a step that is not newer than the newest one it knows of; a run that
+        # reports "checkpoint saved" must never have skipped it.
+        if not saved:
+            raise RuntimeError(f"orbax refused to save step {step} in {self.directory} "
+                               f"(existing steps: {steps(self.directory)})")
+
+    def wait(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()  # waits for the last save, and for old steps to be renamed away
+            self._manager = None
+            shutil.rmtree(self.directory / _TRASH, ignore_errors=True)  # nothing runs any more
+
+    def _empty_trash(self) -> None:
+        trash = self.directory / _TRASH
+        if trash.is_dir():
+            for old in trash.iterdir():  # entries only: orbax may be renaming a new one in right now
+                shutil.rmtree(old, ignore_errors=True)
