@@ -5,6 +5,7 @@
     python eval_char.py --experiment-name enwik8_run --split test --sample-steps 0 --eval-seq-len 1024 --stride 128
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def open_experiment(cfg: EvalConfig):
     exp = Experiment(cfg.experiments_dir, cfg.experiment_name)
     exp.check_existing()
     train_cfg = exp.read_config()
+    # The kernel changes how attention is computed, not what: the one a GPU run saved (cudnn) may not exist
+    # here, and auto takes what runs on this machine.
+    train_cfg = dataclasses.replace(train_cfg, model=dataclasses.replace(train_cfg.model, attention="auto"))
     vocab = exp.read_vocab(train_cfg.model.num_tokens)
     sampling.check_sampling_args(vocab.size, cfg.temperature, cfg.sample_from_top_k, cfg.top_p,
                                  cfg.sample_steps, cfg.num_samples)
@@ -63,11 +67,12 @@ def load_corpus(exp, train_cfg):
                             owner=str(exp.path))
 
 
-def sample(cfg: EvalConfig, train_cfg, vocab, params, corpus) -> None:
-    import jax
+def read_prompt(cfg: EvalConfig, vocab, corpus):
+    """(the prompt's bytes, its token ids); a warning for bytes a char vocabulary lacks."""
     import numpy as np
 
-    from mingpt_palm import data, sampling
+    from mingpt_palm import data
+    from mingpt_palm.experiment import warn
 
     if cfg.prompt_file is not None:
         path = Path(cfg.prompt_file)
@@ -78,17 +83,39 @@ def sample(cfg: EvalConfig, train_cfg, vocab, params, corpus) -> None:
         prompt = cfg.prompt.encode("utf-8")
     else:
         prompt = data.default_prompt(corpus.val, cfg.seed)
-    prompt_ids = vocab.encode(np.frombuffer(prompt, np.uint8))
-    out = sampling.generate(params, train_cfg.model, prompt_ids, cfg.sample_steps, jax.random.PRNGKey(cfg.seed),
-                            num_samples=cfg.num_samples, temperature=cfg.temperature,
-                            top_k=cfg.sample_from_top_k, top_p=cfg.top_p)
+    raw = np.frombuffer(prompt, np.uint8)
+    if unknown := vocab.unknown_count(raw):
+        warn(f"{unknown:,} of the prompt's {len(raw):,} bytes are outside the char vocabulary ({vocab.size} ids) "
+             "and become the unknown id")
+    return prompt, vocab.encode(raw)
+
+
+def draw(cfg: EvalConfig, m, params, prompt_ids) -> list:
+    """The samples' token ids. Sample i (from 0) is drawn alone with seed --seed + i, so that it can be drawn
+    again on its own: in one batch, float rounding would differ from a single sample's and move a draw now
+    and then."""
+    import jax
+
+    from mingpt_palm import sampling
+    from mingpt_palm.progress import Progress
+
+    n = cfg.num_samples
+    with Progress("generating" if n == 1 else f"generating {n} samples", n * cfg.sample_steps, "tokens") as shown:
+        return [sampling.generate(params, m, prompt_ids, cfg.sample_steps, jax.random.PRNGKey(cfg.seed + i),
+                                  temperature=cfg.temperature, top_k=cfg.sample_from_top_k, top_p=cfg.top_p,
+                                  progress=shown)[0] for i in range(n)]
+
+
+def sample(cfg: EvalConfig, train_cfg, vocab, params, corpus) -> None:
+    prompt, prompt_ids = read_prompt(cfg, vocab, corpus)
+    out = draw(cfg, train_cfg.model, params, prompt_ids)
     stdout = sys.stdout.buffer
     stdout.write(b"=== prompt ===\n" + prompt + b"\n")
     for i, ids in enumerate(out):
         text = vocab.decode(ids)
         length = (f"{cfg.sample_steps} tokens, {len(text):,} bytes" if vocab.kind == "sentencepiece" else
                   f"{cfg.sample_steps} characters")
-        stdout.write(f"=== sample {i + 1} of {len(out)}: {length}, seed {cfg.seed} ===\n".encode())
+        stdout.write(f"=== sample {i + 1} of {len(out)}: {length}, seed {cfg.seed + i} ===\n".encode())
         stdout.write(text + b"\n")
     stdout.flush()
 
@@ -120,6 +147,7 @@ def score(cfg: EvalConfig, exp, train_cfg, vocab, params, step, corpus) -> None:
     """Score the whole split with windows of L tokens advancing by S; print and write the report."""
     from mingpt_palm import data, evaluate, model, parallel
     from mingpt_palm.config import eval_windows
+    from mingpt_palm.progress import Progress
     from mingpt_palm.state import build
 
     m, split = train_cfg.model, corpus.split(cfg.split)
@@ -129,7 +157,9 @@ def score(cfg: EvalConfig, exp, train_cfg, vocab, params, step, corpus) -> None:
     tokens, weights = data.scoring_windows(ids, length, stride)
     # Past seq_len every query attends over its whole window, not the training length's sliding one.
     p_eval = evaluate.make_eval_step(build(train_cfg)[0], context=length if length > m.seq_len else None)
-    result = evaluate.score(p_eval, parallel.replicate(params), tokens, weights, cfg.batch_size, vocab.byte_lengths)
+    with Progress(f"scoring {cfg.split}", len(tokens), "windows") as shown:
+        result = evaluate.score(p_eval, parallel.replicate(params), tokens, weights, cfg.batch_size,
+                                vocab.byte_lengths, progress=shown)
     report = {
         "split": cfg.split, "checkpoint_step": step, "eval_seq_len": length, "stride": stride,
         "loss_nats": result["loss"], "bits_per_token": result["bits_per_token"],

@@ -222,7 +222,8 @@ class EvalConfig:
     sample_steps: int = 500
     """Number of characters to generate (0 skips sampling)."""
     num_samples: int = 1
-    """Number of independent samples drawn from the same prompt."""
+    """Number of independent samples drawn from the same prompt. Sample i (from 1) is drawn with seed
+    --seed + i - 1, as if alone: --seed S+i-1 --num-samples 1 draws it again (with the same prompt)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy decoding."""
     sample_from_top_k: Optional[int] = None
@@ -230,7 +231,8 @@ class EvalConfig:
     top_p: Optional[float] = None
     """Nucleus sampling: the smallest set of characters whose probability reaches top_p."""
     seed: int = 0
-    """Seeds the sampler and the choice of the default prompt."""
+    """Seeds the sampler (sample i with --seed + i - 1; each header shows its seed) and the choice of the
+    default prompt."""
 
 
 # The settings that define what a run computes. A resumed run must keep them (each change is refused,
@@ -426,6 +428,9 @@ def validate_eval(cfg: EvalConfig) -> None:
     _require(cfg.checkpoint_step is None or cfg.checkpoint_step >= 1,
              f"--checkpoint-step {cfg.checkpoint_step} must be >= 1")
     _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
+    _require(cfg.seed + cfg.num_samples - 1 < SEED_LIMIT,
+             f"--seed {cfg.seed} + --num-samples {cfg.num_samples} - 1 must be below 2**32: sample i is drawn with "
+             f"seed --seed + i - 1; use --seed {SEED_LIMIT - cfg.num_samples} or less")
     _require(cfg.prompt is None or cfg.prompt_file is None, "give either --prompt or --prompt-file, not both")
     for flag, value in (("--eval-seq-len", cfg.eval_seq_len), ("--stride", cfg.stride)):
         _require(value is None or value >= 1, f"{flag} {value} must be >= 1")

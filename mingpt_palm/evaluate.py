@@ -30,12 +30,14 @@ def make_eval_step(model, context: int | None = None):
     return parallel.pmap(eval_step)
 
 
-def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_lengths: np.ndarray | None = None) -> dict:
+def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_lengths: np.ndarray | None = None,
+          progress=None) -> dict:
     """Score windows tokens [W, L+1] (int ids) with 0/1 weights [W, L]; batches of batch_size windows.
 
     `weights` is an array or anything whose row slices are arrays (data.SpanWeights); only one batch
     of windows is materialised at a time, so tokens may be a strided view of a long split.
-    `byte_lengths` [vocab]: the corpus bytes each token id stands for (None: one each).
+    `byte_lengths` [vocab]: the corpus bytes each token id stands for (None: one each). `progress`, if
+    given, is called with the number of windows of each batch once it is scored.
     Returns loss (nats per scored token), bits_per_token, bits_per_byte (summed loss over the bytes
     the scored targets cover; also as `bpc`), tokens and bytes scored, over the windows of all
     processes (each process passes its own).
@@ -51,6 +53,8 @@ def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_le
             w = np.concatenate([w, np.zeros((batch_size - len(w), w.shape[1]), w.dtype)])
         out = p_eval(rparams, parallel.shard(np.ascontiguousarray(t)), parallel.shard(w))
         sums.append(parallel.fetch(out).astype(np.float64).reshape(-1))  # Ctrl-C is noticed between batches too
+        if progress is not None:
+            progress(min(batch_size, n - start))
     nbytes = nbytes if byte_lengths is not None else count
     # Each process scored its own windows: add the totals of all of them.
     total, count, nbytes = parallel.sum_over_processes(

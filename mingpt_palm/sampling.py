@@ -1,11 +1,12 @@
-"""Autoregressive generation with a key/value cache, compiled once per (batch, length, settings).
+"""Autoregressive generation with a key/value cache, compiled once per (batch, chunk length, settings).
 
-The prompt is encoded in one pass (padded to seq_len so every prompt length shares one
-compilation), then a `lax.scan` runs one cached step per new character. Past seq_len the cache
-works as a sliding window: each new character attends to the seq_len - 1 characters before it. Models
-with absolute positions (learned, sinusoidal) cannot slide a cache (every key carries its position),
-so past seq_len each step runs the model over the last seq_len characters instead.
-`generate_recompute` is the reference: a full forward over the last seq_len characters per step.
+The prompt is encoded in one pass (padded to seq_len so every prompt length shares one compilation),
+then a `lax.scan` runs one cached step per new character, CHUNK steps per call, its state carried from
+call to call. Past seq_len the cache works as a sliding window: each new character attends to the
+seq_len - 1 characters before it. Models with absolute positions (learned, sinusoidal) cannot slide a
+cache (every key carries its position), so past seq_len each step runs the model over the last seq_len
+characters instead. `generate(recompute=True)` is the reference: a full forward over the last seq_len
+characters per step.
 """
 
 from __future__ import annotations
@@ -66,13 +67,30 @@ def _pad_prompt(cfg: ModelConfig, prompt_ids) -> tuple[np.ndarray, int]:
     return padded, len(prompt_ids)
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps", "num_samples", "temperature", "top_k", "top_p"))
-def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples, temperature, top_k, top_p):
-    model = PaLM(cfg)
+# New tokens per compiled call: between calls the host takes the tokens, shows progress and notices
+# Ctrl-C, and nothing is sized by the whole length. Each call costs one dispatch: small next to 512 steps.
+CHUNK = 512
+
+
+def _step_key(key, step):
+    """Step t's key depends on (key, t) alone: a longer sample extends a shorter one exactly, and how the
+    steps are cut into chunks never shows."""
+    return jax.random.fold_in(key, step)
+
+
+@partial(jax.jit, static_argnames=("cfg", "num_samples"))
+def _start_cached(params, padded, prompt_len, *, cfg, num_samples):
+    """The prompt in one pass: (logits after it, cache, window, position of the first new token)."""
     tokens = jnp.broadcast_to(padded, (num_samples, cfg.seq_len))
-    cache = init_cache(cfg, (num_samples,))
-    logits, cache = model.apply({"params": params}, tokens, jnp.arange(cfg.seq_len), cache)
+    logits, cache = PaLM(cfg).apply({"params": params}, tokens, jnp.arange(cfg.seq_len),
+                                    init_cache(cfg, (num_samples,)))
     last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+    return last, cache, tokens, prompt_len.astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("cfg", "length", "temperature", "top_k", "top_p"))
+def _chunk_cached(params, carry, key, first, *, cfg, length, temperature, top_k, top_p):
+    model = PaLM(cfg)
     slides = relative_positions(cfg)
 
     def cached(tok, cache, window, pos):
@@ -85,9 +103,9 @@ def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples
         logits, _ = model.apply({"params": params}, window)
         return logits[:, -1], cache
 
-    def step(carry, key):
+    def step(carry, t):
         logits, cache, window, pos = carry  # pos: the position of the token sampled now
-        tok = sample_token(logits, key, temperature, top_k, top_p)
+        tok = sample_token(logits, _step_key(key, t), temperature, top_k, top_p)
         window = _push(window, tok, pos, cfg.seq_len)
         if slides:
             logits, cache = cached(tok, cache, window, pos)
@@ -95,9 +113,7 @@ def _generate_cached(params, padded, prompt_len, key, *, cfg, steps, num_samples
             logits, cache = jax.lax.cond(pos < cfg.seq_len, cached, recomputed, tok, cache, window, pos)
         return (logits, cache, window, pos + 1), tok
 
-    carry = (last, cache, tokens, prompt_len.astype(jnp.int32))
-    _, out = jax.lax.scan(step, carry, jax.random.split(key, steps))
-    return out.T
+    return jax.lax.scan(step, carry, first + jnp.arange(length, dtype=jnp.uint32))
 
 
 def _push(window, tok, length, seq_len: int):
@@ -108,32 +124,52 @@ def _push(window, tok, length, seq_len: int):
     return jax.lax.dynamic_update_index_in_dim(shifted, tok, jnp.where(full, seq_len - 1, length), axis=1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps", "num_samples", "temperature", "top_k", "top_p"))
-def _generate_recompute(params, padded, prompt_len, key, *, cfg, steps, num_samples, temperature, top_k, top_p):
+def _start_recompute(params, padded, prompt_len, *, cfg, num_samples):
+    return jnp.broadcast_to(padded, (num_samples, cfg.seq_len)), prompt_len.astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("cfg", "length", "temperature", "top_k", "top_p"))
+def _chunk_recompute(params, carry, key, first, *, cfg, length, temperature, top_k, top_p):
     model = PaLM(cfg)
-    window = jnp.broadcast_to(padded, (num_samples, cfg.seq_len))
 
-    def step(carry, key):
-        window, length = carry
+    def step(carry, t):
+        window, filled = carry
         logits, _ = model.apply({"params": params}, window)
-        last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
-        tok = sample_token(last, key, temperature, top_k, top_p)
-        return (_push(window, tok, length, cfg.seq_len), jnp.minimum(length + 1, cfg.seq_len)), tok
+        last = jax.lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False)
+        tok = sample_token(last, _step_key(key, t), temperature, top_k, top_p)
+        return (_push(window, tok, filled, cfg.seq_len), jnp.minimum(filled + 1, cfg.seq_len)), tok
 
-    _, out = jax.lax.scan(step, (window, prompt_len.astype(jnp.int32)), jax.random.split(key, steps))
-    return out.T
+    return jax.lax.scan(step, carry, first + jnp.arange(length, dtype=jnp.uint32))
 
 
 def generate(params, cfg: ModelConfig, prompt_ids, steps: int, key, num_samples: int = 1, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, recompute: bool = False) -> np.ndarray:
+             top_k: int | None = None, top_p: float | None = None, recompute: bool = False,
+             progress=None) -> np.ndarray:
     """Continue `prompt_ids` by `steps` tokens; returns int32 [num_samples, steps].
 
-    The prompt keeps its last seq_len tokens. recompute=True runs the cache-free reference.
+    The prompt keeps its last seq_len tokens. recompute=True runs the cache-free reference, with the same
+    keys. The steps run in compiled chunks of CHUNK (compiled once per chunk length: CHUNK and the
+    remainder); `progress`, if given, is called with the tokens of each chunk (per sample) once they are
+    on the host.
     """
+    out = np.zeros((num_samples, steps), np.int32)
     if steps == 0:
-        return np.zeros((num_samples, 0), np.int32)
+        return out
     padded, prompt_len = _pad_prompt(cfg, prompt_ids)
-    fn = _generate_recompute if recompute else _generate_cached
-    out = fn(params, padded, jnp.int32(prompt_len), key, cfg=cfg, steps=steps, num_samples=num_samples,
-             temperature=float(temperature), top_k=top_k, top_p=top_p)
-    return parallel.fetch(out)
+    start, chunk = (_start_recompute, _chunk_recompute) if recompute else (_start_cached, _chunk_cached)
+    carry = start(params, padded, jnp.int32(prompt_len), cfg=cfg, num_samples=num_samples)
+    settings = {"cfg": cfg, "temperature": float(temperature), "top_k": top_k, "top_p": top_p}
+    ahead = None  # the chunk dispatched before this one: read while this one runs, so the device never waits
+    for first in range(0, steps, CHUNK):
+        carry, tokens = chunk(params, carry, key, np.uint32(first), length=min(CHUNK, steps - first), **settings)
+        if ahead is not None:
+            _take(out, *ahead, progress)
+        ahead = first, tokens
+    _take(out, *ahead, progress)
+    return out
+
+
+def _take(out: np.ndarray, first: int, tokens, progress) -> None:
+    out[:, first : first + len(tokens)] = parallel.fetch(tokens).T  # fetch polls: Ctrl-C is noticed meanwhile
+    if progress is not None:
+        progress(len(tokens))

@@ -231,6 +231,38 @@ def test_report_gives_bits_per_byte_and_per_token(tmp_path, capsys):
     assert f"{report['bits_per_byte']:.4f} bits per byte" in out and "windows of 12 tokens advancing by 5" in out
 
 
+def test_score_reports_progress_per_batch_only_when_asked(capsys):
+    """evaluate.score tells `progress` the windows of each batch once they are scored; without it (training's
+    periodic evaluation) it prints nothing."""
+    _, model, params = _tiny_model()
+    split = np.frombuffer((b"It was the best of times, it was the worst of times. " * 3)[:131], np.uint8)
+    tokens, weights = data.split_windows(split, 16, 16)
+    p_eval, rparams = evaluate.make_eval_step(model), parallel.replicate(params)
+    told = []
+    evaluate.score(p_eval, rparams, tokens, weights, 4, progress=told.append)
+    assert told == [4, 4, 1] and len(tokens) == 9
+    evaluate.score(p_eval, rparams, tokens, weights, 4)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_eval_scoring_shows_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    """eval_char's whole-split scoring: a line now and then on stderr (every LINE_INTERVAL_S, 0 here: after
+    every batch) when stderr is not a terminal; stdout keeps only the report."""
+    import eval_char
+    from mingpt_palm import progress
+    from mingpt_palm.config import EvalConfig, TrainConfig
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)
+    cfg, _, params = _tiny_model()
+    split = np.frombuffer((b"It was the best of times, it was the worst of times. " * 3)[:101], np.uint8)
+    corpus = data.Corpus(tmp_path / "x", None, split, split, split)
+    eval_char.score(EvalConfig(experiment_name="e", batch_size=4), _Reports(tmp_path),
+                    TrainConfig(dataset_path="x", model=cfg), _TwoByteVocab(), params, 7, corpus)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["scoring val: 4 of 7 windows (57%)", "scoring val: 7 of 7 windows (100%)"]
+    assert "of 7 windows" not in out and "bits per byte" in out
+
+
 def test_cli_overlapping_windows_report(experiment):
     """Through eval_char.py: L and S reach the report, every byte but the first is scored once at any
     stride, and --eval-seq-len 64 --stride 64 is the default (seq_len 64) scoring to the bit."""

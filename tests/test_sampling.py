@@ -162,3 +162,98 @@ def test_bad_sampling_args(kwargs, match):
     with pytest.raises(UserError, match=match):
         check_sampling_args(256, args["temperature"], args["top_k"], args["top_p"], args["steps"],
                             args["num_samples"])
+
+
+# --- long generation: chunks, progress, one seed per sample ----------------------------------------
+
+@pytest.mark.parametrize("recompute, partitionable", [(False, True), (True, True), (False, False)])
+def test_a_longer_sample_extends_a_shorter_one(params, monkeypatch, recompute, partitionable):
+    """Step t draws with fold_in(key, t): a longer sample with the same key begins with the shorter one,
+    and how the steps are cut into compiled chunks never shows. split(key, steps) kept the first property
+    only with jax_threefry_partitionable on (JAX's default), hence the run with it off. 45 steps run past
+    seq_len (32), so the sliding cache is carried across chunks too."""
+    from mingpt_palm import sampling
+
+    def draw(steps):
+        with jax.threefry_partitionable(partitionable):
+            return generate(params, CFG, PROMPT, steps, jax.random.PRNGKey(3), num_samples=2, top_k=20,
+                            recompute=recompute)
+
+    whole = draw(45)
+    np.testing.assert_array_equal(draw(13), whole[:, :13])
+    monkeypatch.setattr(sampling, "CHUNK", 8)  # 5 chunks of 8 and one of 5
+    np.testing.assert_array_equal(draw(45), whole)
+    np.testing.assert_array_equal(draw(13), whole[:, :13])
+    assert not np.array_equal(whole[0], whole[1])  # samples are independent draws
+
+
+def test_generate_reports_progress_after_each_chunk_and_prints_nothing(params, monkeypatch, capsys):
+    """progress is opt-in (training's TensorBoard samples stay silent): a callable told the tokens of
+    each chunk once they are on the host."""
+    from mingpt_palm import sampling
+
+    monkeypatch.setattr(sampling, "CHUNK", 8)
+    told = []
+    out = generate(params, CFG, PROMPT, 20, jax.random.PRNGKey(0), progress=told.append)
+    assert told == [8, 8, 4] and out.shape == (1, 20)
+    generate(params, CFG, PROMPT, 20, jax.random.PRNGKey(0))
+    assert capsys.readouterr() == ("", "")
+
+
+def _eval_sample(params, capsysbinary, **kwargs):
+    """eval_char.sample in process on the byte vocabulary: (stdout, stderr), as bytes (samples may hold
+    any byte)."""
+    import eval_char
+    from mingpt_palm import data
+    from mingpt_palm.config import EvalConfig, TrainConfig
+
+    cfg = EvalConfig(experiment_name="e", prompt="To be, or not", sample_steps=20, **kwargs)
+    vocab = data.Vocab.build("byte", np.zeros(1, np.uint8))
+    eval_char.sample(cfg, TrainConfig(dataset_path="x", model=CFG), vocab, params, None)
+    return capsysbinary.readouterr()
+
+
+def _samples(out: bytes) -> list[tuple[bytes, bytes]]:
+    """(header, text) of each sample eval_char printed."""
+    parts = out.split(b"=== sample ")[1:]
+    return [(p.split(b" ===\n", 1)[0].decode(), p.split(b" ===\n", 1)[1][:-1]) for p in parts]
+
+
+def test_each_sample_is_drawn_with_its_own_seed(params, capsysbinary):
+    """Sample i of --num-samples 3 --seed 5 is --seed 5+i-1 --num-samples 1, to the character, and its
+    header says that seed; it is what generate draws from PRNGKey(5+i-1) alone."""
+    three = _samples(_eval_sample(params, capsysbinary, num_samples=3, seed=5).out)
+    assert [h for h, _ in three] == [f"{i} of 3: 20 characters, seed {4 + i}" for i in (1, 2, 3)]
+    for i, (_, text) in enumerate(three):
+        [(header, alone)] = _samples(_eval_sample(params, capsysbinary, num_samples=1, seed=5 + i).out)
+        assert header == f"1 of 1: 20 characters, seed {5 + i}" and alone == text
+        ids = generate(params, CFG, PROMPT, 20, jax.random.PRNGKey(5 + i), temperature=1.0)[0]
+        assert bytes(ids.astype(np.uint8)) == text
+    assert len({text for _, text in three}) == 3
+
+
+def test_eval_generation_shows_progress_on_stderr(params, capsysbinary, monkeypatch):
+    """Not a terminal: a line now and then (every LINE_INTERVAL_S, 0 here: after every chunk), counting the
+    tokens of all samples; a terminal gets a tqdm bar; a process other than 0 prints nothing."""
+    import io
+    import sys
+
+    from mingpt_palm import progress, sampling
+
+    monkeypatch.setattr(sampling, "CHUNK", 8)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)
+    err = _eval_sample(params, capsysbinary, num_samples=2).err.decode()
+    assert err.splitlines() == [f"generating 2 samples: {n} of 40 tokens ({100 * n // 40}%)"
+                                for n in (8, 16, 20, 28, 36, 40)]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    _eval_sample(params, capsysbinary)
+    assert sys.stderr.getvalue().startswith("\rgenerating:   0%|") and " 0/20 " in sys.stderr.getvalue()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    _eval_sample(params, capsysbinary)
+    assert sys.stderr.getvalue() == ""
