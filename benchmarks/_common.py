@@ -11,7 +11,7 @@ def loadavg() -> str:
 
 
 def matmul_tflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
-    """Best-of-N jitted n^3 matmul rate right now, in `dtype`: how DESIGN.md measured the CPU peak.
+    """Best-of-N jitted n^3 matmul rate right now, in `dtype`: how docs/design.md measured the CPU peak.
 
     JAX is imported here, not at module level: bench_train sets the device count before JAX starts.
     """

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import loadavg  # noqa: E402  (benchmarks/ is on sys.path)
 from mingpt_palm import data  # noqa: E402
 from mingpt_palm.config import DataConfig  # noqa: E402
+from mingpt_palm.vocab import Vocab  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -123,7 +124,7 @@ def main() -> None:
         corpus = data.load_corpus(str(path), DataConfig(datasets_dir=str(tmp)), progress=False)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        vocab = data.Vocab.build(args.vocab, corpus.train)
+        vocab = Vocab.build(args.vocab, corpus.train)
         t_vocab = time.perf_counter() - t0
         rows.append((f"after load_corpus + {args.vocab} vocab", memory()))
         print(f"load_corpus: {1e3 * t_load:.2f} ms (train {len(corpus.train):,} / val {len(corpus.val):,} / "

@@ -15,7 +15,7 @@ Figures (printed, and written as JSON with --json):
   of the compiled step is printed beside it.
 - MFU against two peaks: one measured in this run with an n^3 matmul in the run's compute dtype, best
   of 20 calls, once before the timing and once after it, and the higher of the two taken (the peak
-  moves from machine to machine and minute to minute on shared CPUs, DESIGN.md: one slow moment in one
+  moves from machine to machine and minute to minute on shared CPUs, docs/design.md: one slow moment in one
   measurement must not inflate the MFU; both are printed); and the datasheet's dense peak for known
   GPUs (the device kind is printed). Simulated CPU devices share the same cores: the measured peak is
   the whole machine's, not one per device.
@@ -168,7 +168,7 @@ def _timed_loop(compiled, state, control, batch, args, in_flight: int):
 
     def complete(keep: int) -> None:
         while len(pending) > keep:
-            status = pending.pop(0)["status"]
+            status = pending.pop(0)
             jax.block_until_ready(status)
             losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
 
@@ -176,8 +176,8 @@ def _timed_loop(compiled, state, control, batch, args, in_flight: int):
     for n in [args.warmup] + [args.steps] * args.windows:
         t0 = time.perf_counter()
         for _ in range(n):
-            state, control, metrics = compiled(state, control, *batch(step))
-            pending.append(metrics)
+            state, control, status, _ = compiled(state, control, *batch(step))
+            pending.append(status)
             complete(in_flight)
             step += 1
         complete(0)
@@ -232,9 +232,10 @@ def run(args) -> dict:
     from mingpt_palm.model import attention_implementation, compute_dtype, param_count
     from mingpt_palm.state import build, init_state
     from mingpt_palm.step import Control, train_step
+    from mingpt_palm.vocab import Vocab
 
     split, source = _corpus(args)
-    vocab = data.Vocab.build(args.vocab, split)
+    vocab = Vocab.build(args.vocab, split)
     cfg = _config(args, vocab.size)
     model_cfg = cfg.model
     parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
@@ -258,7 +259,8 @@ def run(args) -> dict:
     peak_before = matmul_tflops(cal_n, dtype=dtype)
 
     p_step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=model_cfg.z_loss,
-                                   table=jnp.asarray(vocab.table), max_nonfinite=10), donate_state=True)
+                                   table=jnp.asarray(vocab.table), byte_lengths=jnp.asarray(vocab.byte_lengths),
+                                   max_nonfinite=10), donate_state=True)
     t0 = time.perf_counter()
     compiled = p_step.lower(rstate, control, *batch(0)).compile()
     compile_s = time.perf_counter() - t0
@@ -360,7 +362,7 @@ def sweep(args, counts) -> list[dict]:
 
 
 def main() -> None:
-    from mingpt_palm.config import UserError
+    from mingpt_palm.errors import UserError
 
     args = parse_args()
     print(loadavg())

@@ -1,6 +1,7 @@
 """Checkpoints: orbax steps under experiments/<name>/checkpoints/, restored with fallback, written asynchronously.
+If this is your first read through, skip to `Checkpointer`: the loop calls its `on_step` and `close`.
 
-Each step holds the (unreplicated) train state and a JSON record. orbax writes a step into a
+Each step holds the (unreplicated) train state and a JSON record (`meta`). orbax writes a step into a
 temporary directory and renames it when complete, so a save that is killed midway leaves a
 `*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the same way, renamed into
 checkpoints/deleted/ before they are removed, so every numbered directory is a whole checkpoint. One
@@ -8,26 +9,28 @@ that fails to load all the same is skipped for the one before it.
 
 Reading and writing are kept apart, because in a multi-process job they are different kinds of act.
 A read (`restore`) is each process's own: no collective runs, so processes can never disagree on one
-inside orbax, and they compare what they read afterwards (train.py's settings agreement). Writing goes
-through one orbax CheckpointManager (`Saver`) that every process creates alike at the first save,
-after anything that had to move out of the way (`set_aside`) has moved.
+inside orbax, and they compare what they read afterwards (start.agree). Writing goes through one orbax
+CheckpointManager (`Saver`) that every process creates alike at the first save, after anything that
+had to move out of the way (`set_aside`) has moved.
 """
-
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
 import shutil
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mingpt_palm.errors import TrainingStopped, UserError, fs_error
+from mingpt_palm import parallel
+from mingpt_palm.errors import TrainingStopped, UserError, fs_error, is_disk_full
 
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _TRASH = "deleted"  # checkpoints/deleted/: old steps renamed here by orbax, then removed by us
@@ -185,10 +188,7 @@ class Saver:
     def _open(self) -> ocp.CheckpointManager:
         if self._manager is None:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=True,
+                max_to_keep=self.keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True,
                 # orbax removes an old step file by file, so a kill midway would leave a numbered,
                 # half-deleted checkpoint; a rename out of the way first is atomic.
                 todelete_subdir=_TRASH,
@@ -198,15 +198,12 @@ class Saver:
         return self._manager
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start an asynchronous save; the next save (or `wait`) waits for this one to finish.
+        """Start an asynchronous save of a host copy; the next save (or `wait`) waits for this one.
 
         A state with a non-finite number is never written: the newest checkpoint must always be one
         a run can continue from, and rotation would otherwise push the good ones out.
         """
         self._empty_trash()
-        # Host copies: a process can only write arrays it owns, and pmap's per-device arrays are
-        # not global arrays that orbax could split among processes.
-        state = jax.device_get(state)
         if bad := nonfinite_leaves(state):
             raise TrainingStopped(f"step {step}: the train state holds non-finite numbers ({', '.join(bad[:3])}"
                                   f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written, the newest in "
@@ -234,3 +231,109 @@ class Saver:
         if trash.is_dir():
             for old in trash.iterdir():  # entries only: orbax may be renaming a new one in right now
                 shutil.rmtree(old, ignore_errors=True)
+
+
+class HostCopy:
+    """jax.device_get of a tree on a background thread; result() waits and raises what it raised."""
+
+    def __init__(self, tree):
+        self._out, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(tree,), daemon=True, name="host-copy")
+        self._thread.start()
+
+    def _run(self, tree) -> None:
+        try:
+            self._out = jax.device_get(tree)
+        except BaseException as e:  # raised on the main thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
+class Checkpointer:
+    """The run's checkpoints while it trains (levanter's Checkpointer): when to save, and a pipeline that
+    keeps saving off the training's critical path. A due step's state is copied on the device (the next
+    step may overwrite donated buffers), brought to the host on a background thread, and handed to orbax
+    (which writes asynchronously) on the main thread once it is there: orbax's threads and event loop
+    belong to the main thread. Every hand-off runs inside `idle()`, the loop's promise that no step is in
+    flight (the time is left out of tokens/s). A multi-process job hands off at once: every process must
+    reach orbax's save together."""
+
+    def __init__(self, directory: Path, *, interval: int, keep: int, last_step: int, start: int, seed: int,
+                 tokens_per_step: int, idle, before_save, resume_command: str):
+        self.directory, self.interval, self.last_step = directory, interval, last_step
+        self.meta = {"seed": seed, "tokens_per_step": tokens_per_step}
+        self.idle, self.before_save, self.resume_command = idle, before_save, resume_command
+        self.saver = Saver(directory, keep)
+        self.last_saved = start  # the step of the newest checkpoint taken (the start: none taken yet)
+        self._copy: HostCopy | None = None
+        self._pending: tuple[int, dict] | None = None  # (step, meta) of the checkpoint on its way to the host
+
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.last_step
+
+    def on_step(self, step: int, state) -> None:
+        """Called after every step: hands a finished host copy to orbax, and saves `step` when it is due."""
+        self._hand_off()
+        if self.due(step):
+            self.save(step, state)
+
+    def save(self, step: int, state) -> None:
+        with self.idle():
+            self.finish()  # the previous save first, so that a failure is blamed on the step that failed
+            snapshot = jax.tree.map(jnp.copy, parallel.first_replica(state))
+            self.last_saved = step
+            with self._stopping_on_a_full_disk(step):
+                self.before_save()  # the logs: a killed run's curves then reach at least its last checkpoint
+            self._copy = HostCopy(snapshot)
+            self._pending = (step, {"step": step, "seed": self.meta["seed"],
+                                    "tokens_seen": step * self.meta["tokens_per_step"],
+                                    "devices": jax.device_count(), "processes": jax.process_count()})
+            if jax.process_count() > 1:
+                self._hand_off(wait=True)
+
+    def _hand_off(self, wait: bool = False) -> None:
+        if self._pending is None or not (wait or self._copy.done()):
+            return
+        # Taken over only once idle() has drained the loop (which may find the run halted, and raise):
+        # close() then still writes a checkpoint taken just before the step that stopped the run.
+        with self.idle():
+            step, meta = self._pending
+            self._pending = None
+            with self._stopping_on_a_full_disk(step):
+                self.saver.save(step, self._copy.result(), meta)
+            self._copy = None
+
+    def finish(self) -> None:
+        """Every checkpoint taken is written and complete on disk."""
+        self._hand_off(wait=True)
+        with self._stopping_on_a_full_disk(self.last_saved):
+            self.saver.wait()
+
+    def close(self) -> None:
+        """Also after a failure: a checkpoint already taken is written (the stop message may name it)."""
+        with contextlib.suppress(Exception):
+            self._hand_off(wait=True)
+        with contextlib.suppress(Exception):  # after a failed save orbax raises its error again here
+            self.saver.close()
+
+    @contextlib.contextmanager
+    def _stopping_on_a_full_disk(self, step: int):
+        """A full disk stops the run with one line that says what survived; anything else passes through."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            complete = steps(self.directory)
+            raise TrainingStopped(
+                f"the disk is full: checkpoint step {step} could not be written to {self.directory}; the last "
+                f"complete checkpoint is {f'step {complete[-1]}' if complete else 'none'}. Free some space, then "
+                f"resume with: {self.resume_command}") from None

@@ -1,6 +1,6 @@
-"""Configuration: nested dataclasses that tyro turns into the command line.
+"""Configuration: nested dataclasses that tyro turns into the command line, and their validation.
 
-Every field's docstring is its `--help` text. The sequence length lives in exactly one place,
+Every field's docstring is its `--help` text. How settings are saved and compared is settings.py's. The sequence length lives in exactly one place,
 `ModelConfig.seq_len` (alias `--block-size`); data, sampling and evaluation all read it from there.
 """
 
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
 from mingpt_palm import presets
-from mingpt_palm.errors import TrainingStopped, UserError  # noqa: F401 (the names callers import from here)
+from mingpt_palm.errors import UserError
 
 
 VARIANT_POSITION = {"palm": "rotary", "palm-lite": "alibi", "lamda": "t5", "gpt": "learned"}
@@ -99,11 +98,11 @@ class OptimizerConfig:
 class DataConfig:
     """How the corpus is split, encoded and sampled."""
 
-    tokenizer: Annotated[Literal["byte", "char", "sentencepiece"], tyro.conf.arg(aliases=("--data.vocab",))] = "byte"
+    tokenizer: Literal["byte", "char", "sentencepiece"] = "byte"
     """byte: the 256 byte values (what bits per character on enwik8 means). char: the distinct byte
     values of the training split, plus one unknown id for bytes seen only in val/test. sentencepiece:
     --data.vocab-size sub-word pieces learned from the training split (BPE or unigram), stored in the
-    experiment as tokenizer.model; any bytes encode and decode exactly. --data.vocab is the old name."""
+    experiment as tokenizer.model; any bytes encode and decode exactly."""
     vocab_size: int = 8192
     """sentencepiece: the number of pieces, the 256 byte pieces (for text no piece covers) and the
     unknown id included. Ignored by byte and char."""
@@ -235,121 +234,8 @@ class EvalConfig:
     default prompt."""
 
 
-# The settings that define what a run computes. A resumed run must keep them (each change is refused,
-# naming the field), and a saved config.json must hold them. Everything else (step counts,
-# intervals, logging, where files live) may change from one resume to the next.
-RUN_DEFINING = ("dataset_path", "seed", "batch_size", "model", "optim", "data.tokenizer", "data.vocab_size",
-                "data.sp_model_type", "data.sp_train_bytes", "data.val_fraction", "data.test_fraction")
-# Fields saved under an older name: a config.json written before the rename still loads.
-RENAMED = {"data.tokenizer": "vocab"}
-# Run-defining fields that a config.json written before they existed lacks: it takes their defaults,
-# which are what such a run computed (sentencepiece settings, unused by the byte and char runs before;
-# the variant, position scheme and dropout of the palm model, the only one there was).
-ADDED_LATER = ("data.vocab_size", "data.sp_model_type", "data.sp_train_bytes", "model.variant", "model.position",
-               "model.dropout")
-# Inside `model`, how the same numbers are computed rather than which: a resume may change them (on
-# another machine, say), as it may change grad_accum_steps (not run-defining to begin with). The dtype
-# is not among them: bfloat16 computes other numbers than float32.
-HOW_NOT_WHAT = ("model.attention", "model.remat")
-# What a run started with --init-from may set differently from the experiment it takes its parameters
-# from: how it trains on them, not what they mean. The rest of the model and of the vocabulary (every
-# data field but where the corpus is and how it is split) must be the source's.
-FINETUNE_MAY_CHANGE = HOW_NOT_WHAT + ("model.dropout", "model.z_loss", "model.dtype", "model.num_tokens",
-                                      "data.val_fraction", "data.test_fraction", "data.datasets_dir")
-
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
 STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32
-
-
-def finetune_keeps(path: str) -> bool:
-    """True for the fields a fine-tuning run must take unchanged from its source (num_tokens among the
-    exceptions only because the vocabulary itself is taken from the source, and sets it)."""
-    return path.startswith(("model.", "data.")) and path not in FINETUNE_MAY_CHANGE
-
-
-def is_run_defining(path: str) -> bool:
-    return path not in HOW_NOT_WHAT and any(path == p or path.startswith(p + ".") for p in RUN_DEFINING)
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def flatten(cfg, prefix: str = "") -> dict[str, Any]:
-    """{"model.dim": 64, "seed": 0, ...}: every leaf field of a nested config by its dotted path."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out
-
-
-def differences(saved, given, keep=lambda path: True) -> list[tuple[str, Any, Any]]:
-    """(path, saved value, given value) for every leaf field that differs and that `keep` selects."""
-    a, b = flatten(saved), flatten(given)
-    return [(k, a[k], b[k]) for k in a if keep(k) and a[k] != b[k]]
-
-
-def _base_type(hint):
-    while typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
-    return hint
-
-
-def _type_ok(value, hint) -> bool:
-    hint = _base_type(hint)
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is float:  # JSON writes 1.0 as 1.0, but a hand-edited file may say 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def from_dict(cls, d: dict, required=lambda path: False, prefix: str = ""):
-    """Rebuild a nested config dataclass from `to_dict` output, checking every value's type.
-
-    Keys that `required(path)` selects must be present; other missing keys take their defaults (a
-    config written before a field existed). Unknown keys are ignored. Raises ValueError naming every
-    problem, so that a damaged config.json is reported as such, never as something else downstream.
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'the file'} is {type(d).__name__}, expected an object")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    kwargs, problems = {}, []
-    needed = lambda p: required(p) and p not in ADDED_LATER  # noqa: E731
-    for f in dataclasses.fields(cls):
-        path = prefix + f.name
-        hint = _base_type(hints[f.name])
-        key = f.name if f.name in d else RENAMED.get(path, f.name)
-        if key not in d:
-            if needed(path) or (dataclasses.is_dataclass(hint) and any(
-                    needed(f"{path}.{g.name}") for g in dataclasses.fields(hint))):
-                problems.append(f"lacks {path}")
-            continue
-        value = d[key]
-        if dataclasses.is_dataclass(hint):
-            try:
-                kwargs[f.name] = from_dict(hint, value, required, path + ".")
-            except ValueError as e:
-                problems.append(str(e))
-        elif _type_ok(value, hint):
-            kwargs[f.name] = float(value) if hint is float else value
-        else:
-            expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            problems.append(f"{path} is {value!r} (expected {expected})")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return cls(**kwargs)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -359,6 +245,15 @@ def _require(ok: bool, message: str) -> None:
 
 def _flag(path: str) -> str:
     return "--" + path.replace("_", "-")
+
+
+def flatten(cfg, prefix: str = "") -> dict:
+    """{"model.dim": 64, "seed": 0, ...}: every leaf field of a nested config by its dotted path."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out.update(flatten(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name: value})
+    return out
 
 
 def require_finite(cfg) -> None:
@@ -434,18 +329,3 @@ def validate_eval(cfg: EvalConfig) -> None:
     _require(cfg.prompt is None or cfg.prompt_file is None, "give either --prompt or --prompt-file, not both")
     for flag, value in (("--eval-seq-len", cfg.eval_seq_len), ("--stride", cfg.stride)):
         _require(value is None or value >= 1, f"{flag} {value} must be >= 1")
-
-
-def eval_windows(cfg: EvalConfig, m: ModelConfig, max_context: Optional[int]) -> tuple[int, int]:
-    """(L, S): the scoring window and stride for a model whose position scheme scores at most
-    `max_context` tokens per window (None: no limit); a UserError for what cannot be scored."""
-    length = m.seq_len if cfg.eval_seq_len is None else cfg.eval_seq_len
-    stride = length if cfg.stride is None else cfg.stride
-    named = f"--eval-seq-len {length}" if cfg.eval_seq_len is not None else f"the window (the model's seq_len, {length})"
-    _require(stride <= length, f"--stride {stride} is longer than {named}: windows that advance by more than "
-                               f"their length would skip tokens; use --stride {length} or less")
-    _require(max_context is None or length <= max_context,
-             f"--eval-seq-len {length}: scoring windows longer than seq_len needs a position scheme that extends "
-             f"(alibi, t5, rotary); this model uses {position_scheme(m)} positions up to {max_context}: use "
-             f"--eval-seq-len {max_context} or less")
-    return length, stride

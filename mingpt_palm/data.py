@@ -9,77 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from mingpt_palm import download
-from mingpt_palm.config import DataConfig, UserError
+from mingpt_palm.config import DataConfig
+from mingpt_palm.errors import UserError
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-class Vocab:
-    """Maps raw bytes to token ids and back with lookup tables (vectorised, no Python loops).
-
-    byte: the identity on 256 values. char: the distinct bytes of the training split get ids
-    0..n-1 in byte order; any other byte (seen only in val/test) maps to the unknown id n.
-    """
-
-    def __init__(self, kind: str, symbols: np.ndarray):
-        self.kind = kind
-        self.symbols = np.asarray(symbols, dtype=np.uint8)
-        self.unk_id = len(self.symbols) if kind == "char" else None
-        self.size = 256 if kind == "byte" else len(self.symbols) + 1
-        self._encode = np.full(256, self.unk_id or 0, dtype=np.int32)
-        self._encode[self.symbols] = np.arange(len(self.symbols), dtype=np.int32)
-        # The unknown id decodes to '?' so that generated text stays printable.
-        self._decode = np.concatenate([self.symbols, np.frombuffer(b"?", np.uint8)])
-
-    @classmethod
-    def build(cls, kind: str, train: np.ndarray) -> "Vocab":
-        if kind == "byte":
-            return cls("byte", np.arange(256))
-        # In chunks: bincount of the whole memmap would first copy it as int64 (8x its size).
-        counts = np.zeros(256, np.int64)
-        for start in range(0, len(train), 1 << 24):
-            counts += np.bincount(train[start : start + (1 << 24)], minlength=256)
-        return cls("char", np.flatnonzero(counts))
-
-    @property
-    def table(self) -> np.ndarray:
-        """int32 [256]: the token id of every byte value (training encodes on the device with it)."""
-        return self._encode
-
-    @property
-    def byte_lengths(self) -> np.ndarray:
-        """int32 [size]: how many corpus bytes each token id stands for; bits per byte divide the summed
-        token losses by the bytes their targets cover (one each for byte and char ids)."""
-        return np.ones(self.size, np.int32)
-
-    def encode(self, raw: np.ndarray) -> np.ndarray:
-        return self._encode[raw]
-
-    def decode(self, ids) -> bytes:
-        return self._decode[np.asarray(ids)].tobytes()
-
-    def unknown_count(self, raw: np.ndarray) -> int:
-        if self.unk_id is None:
-            return 0
-        return int(np.sum(self.encode(raw) == self.unk_id))
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "symbols": self.symbols.tolist()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Vocab":
-        return cls(d["kind"], np.asarray(d["symbols"]))
 
 
 @dataclasses.dataclass
 class Corpus:
     path: Path
-    registered: download.Corpus | None  # set when the corpus came by its registered name
+    registered: download.Source | None  # set when the corpus came by its registered name
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
@@ -104,28 +50,19 @@ def load_corpus(path_or_name: str, cfg: DataConfig, progress: bool = True, expec
     n = len(data)
     if known is not None and known.split_bytes is not None and sum(known.split_bytes) == n:
         n_train, n_val, _ = known.split_bytes
-    else:
-        for name, frac in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
-            if not 0 <= frac < 1:
-                raise UserError(f"--data.{name}-fraction {frac} must be in [0, 1)")
+    else:  # fractions that add up to less than 1 (config.validate_train) leave n_train > 0
         n_val, n_test = int(n * cfg.val_fraction), int(n * cfg.test_fraction)
         n_train = n - n_val - n_test
-        if n_train <= 0:
-            raise UserError(f"--data.val-fraction + --data.test-fraction leave no training data in {path}")
     return Corpus(path, known, data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :])
 
 
-def require_windows(split: np.ndarray, name: str, seq_len: int, source,
-                    hint: str = "use a smaller --block-size or a bigger corpus") -> None:
-    """A split must hold at least one window of seq_len + 1 bytes (inputs plus shifted targets).
-
-    `hint` says what the caller's user can change (train and eval take different flags).
-    """
-    if len(split) < seq_len + 1:
-        raise UserError(
-            f"the {name} split of {source} has {len(split)} bytes, fewer than one window of "
-            f"block size + 1 = {seq_len + 1}; {hint}"
-        )
+def require_windows(split: np.ndarray, name: str, length: int, source, hint: str = "use a smaller --block-size or "
+                    "a bigger corpus", unit: str = "bytes", window: str = "block size") -> None:
+    """A split must hold at least one window of `length` + 1 tokens (inputs plus shifted targets), where
+    `window` names the setting `length` comes from; `hint` says what the caller's user can change."""
+    if len(split) < length + 1:
+        raise UserError(f"the {name} split of {source} has {len(split):,} {unit}, fewer than one window of "
+                        f"{window} + 1 = {length + 1}; {hint}")
 
 
 def fingerprint(path: Path) -> dict:
@@ -249,3 +186,51 @@ def default_prompt(val: np.ndarray, seed: int, max_len: int = 200) -> bytes:
     chunk = bytes(val[start : start + 4 * max_len])
     lines = [line for line in chunk.split(b"\n")[1:-1] if line.strip()]
     return (lines[0] if lines else chunk[:max_len])[:max_len] + b"\n"
+
+
+def batch(split: np.ndarray, seed: int, step: int, global_batch: int, seq_len: int,
+          stream: int = TRAIN_STREAM) -> np.ndarray:
+    """This process's share of `get_batch`: what the loop and the evaluation windows cut."""
+    import jax
+
+    return get_batch(split, seed, step, global_batch, seq_len, jax.process_index(), jax.process_count(), stream)
+
+
+class Prefetcher:
+    """Cuts the batches of the coming steps on a background thread, `ahead` of the loop."""
+
+    def __init__(self, make_batch, start: int, stop: int, ahead: int = 2):
+        self._make, self._steps = make_batch, iter(range(start, stop))
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="batches")
+
+    def _fill(self) -> None:
+        for step in self._steps:
+            try:
+                item = (step, self._make(step), None)
+            except BaseException as e:  # handed to the loop, which raises it where it would have happened
+                item = (step, None, e)
+            while not self._done.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._done.is_set() or item[2] is not None:
+                return
+
+    def __enter__(self) -> "Prefetcher":
+        self._thread.start()
+        return self
+
+    def get(self, step: int):
+        got, batch_, error = self._queue.get()
+        if error is not None:
+            raise error
+        assert got == step, (got, step)
+        return batch_
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

@@ -23,14 +23,16 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from mingpt_palm.config import UserError
+from mingpt_palm.errors import UserError
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60  # per socket operation: a stalled server fails instead of hanging the run
 
 
 @dataclasses.dataclass(frozen=True)
-class Corpus:
+class Source:
+    """Where a registered corpus comes from and how it is checked (data.Corpus is a loaded one)."""
+
     name: str
     url: str
     sha256: str  # of the downloaded file (the zip for enwik8)
@@ -53,11 +55,11 @@ class Corpus:
         return self.member_size if self.member else self.size
 
 
-CORPORA: dict[str, Corpus] = {
+CORPORA: dict[str, Source] = {
     # Hutter-prize file: the first 10^8 bytes of the 2006-03-03 English Wikipedia dump. Zip size
     # and sha256 as pinned by huggingface/datasets (datasets/enwik8/dataset_infos.json); the
     # member's 10^8 bytes are Matt Mahoney's published size (md5 a1fa5ffddb56f4953e226637dabbb36a).
-    "enwik8": Corpus(
+    "enwik8": Source(
         name="enwik8",
         url="http://mattmahoney.net/dc/enwik8.zip",
         sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
@@ -66,7 +68,7 @@ CORPORA: dict[str, Corpus] = {
         split_bytes=(90_000_000, 5_000_000, 5_000_000),
         member_size=100_000_000,
     ),
-    "tinyshakespeare": Corpus(
+    "tinyshakespeare": Source(
         name="tinyshakespeare",
         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
@@ -81,11 +83,11 @@ def resolve_corpus(
     path_or_name: str,
     datasets_dir: str | Path = "datasets",
     *,
-    corpora: dict[str, Corpus] = CORPORA,
+    corpora: dict[str, Source] = CORPORA,
     progress: bool = True,
-) -> tuple[Path, Corpus | None]:
+) -> tuple[Path, Source | None]:
     """A path to an existing file wins (returns (path, None)); else a registered name is fetched once
-    into datasets/<name>/ and the unpacked file's path is returned with its Corpus; else UserError."""
+    into datasets/<name>/ and the unpacked file's path is returned with its Source; else UserError."""
     path = Path(path_or_name)
     if path.is_file():
         if path.stat().st_size == 0:
@@ -122,7 +124,7 @@ def resolve_corpus(
     return target, corpus
 
 
-def _names(corpora: dict[str, Corpus]) -> str:
+def _names(corpora: dict[str, Source]) -> str:
     return ", ".join(sorted(corpora)) or "none"
 
 
@@ -130,7 +132,7 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _instead(corpus: Corpus, folder: Path) -> str:
+def _instead(corpus: Source, folder: Path) -> str:
     unpacked = f" or the unpacked {corpus.corpus_filename}" if corpus.member else ""
     return (
         f"put {corpus.filename}{unpacked} into {folder}/ by hand, "
@@ -138,7 +140,7 @@ def _instead(corpus: Corpus, folder: Path) -> str:
     )
 
 
-def _check_size(path: Path, expected: int | None, corpus: Corpus) -> None:
+def _check_size(path: Path, expected: int | None, corpus: Source) -> None:
     size = path.stat().st_size
     if size == 0 or (expected is not None and size != expected):
         want = f"{expected:,}" if expected is not None else "more than 0"
@@ -148,7 +150,7 @@ def _check_size(path: Path, expected: int | None, corpus: Corpus) -> None:
         )
 
 
-def _verify_placed(archive: Path, corpus: Corpus) -> None:
+def _verify_placed(archive: Path, corpus: Source) -> None:
     _check_size(archive, corpus.size, corpus)
     digest = hashlib.sha256()
     with archive.open("rb") as f:
@@ -182,7 +184,7 @@ def _temp_beside(dest: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def _download(corpus: Corpus, dest: Path, progress: bool) -> None:
+def _download(corpus: Source, dest: Path, progress: bool) -> None:
     def fail(reason: str) -> UserError:
         return UserError(
             f"could not download {corpus.name} from {corpus.url}: {_one_line(reason)}; "
@@ -214,7 +216,7 @@ def _download(corpus: Corpus, dest: Path, progress: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _extract(archive: Path, corpus: Corpus, target: Path, progress: bool) -> None:
+def _extract(archive: Path, corpus: Source, target: Path, progress: bool) -> None:
     def fail(reason: object) -> UserError:
         return UserError(
             f"could not unpack {corpus.member} from {archive}: {_one_line(reason)}; if the zip is "

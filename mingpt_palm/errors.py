@@ -1,12 +1,22 @@
-"""The errors the scripts turn into one line and an exit code (cli.py): the bottom of the package.
+"""Guard rails at the edge; if this is your first read through, skip this file.
 
-2: bad input (UserError), nothing changed. 1: the run could not go on (TrainingStopped, out of memory,
-a file-system error). 130: Ctrl-C.
+What the scripts do with a failure (one line on stderr, an exit code, no traceback), what a signal
+does, and the process-wide hooks the scripts install (never an import). Exit codes: 2 bad input
+(UserError: nothing changed), 1 the run could not go on (TrainingStopped, out of memory, a file-system
+error), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -49,3 +59,149 @@ def is_disk_full(e: BaseException) -> bool:
     return False
 
 
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Whole or not at all: a temporary file beside `path`, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise fs_error(f"cannot write {path}", e) from None
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """XLA's RESOURCE_EXHAUSTED (device or host memory), as one line, or None for anything else."""
+    text = " ".join(str(e).split())
+    if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+        return None
+    asked = re.search(r"allocat\w* (\d+) bytes", text)
+    what = (f"XLA could not allocate {int(asked.group(1)) / 2**30:,.1f} GiB ({int(asked.group(1)):,} bytes)"
+            if asked else text[:200])
+    return (f"out of memory: {what}; lower --batch-size or --block-size, or use a smaller model "
+            "(--model.dim, --model.depth)")
+
+
+def fail(message: str, code: int, on_failure=None) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if on_failure is not None:  # a multi-process job's peers then stop at once (distributed.report_failure)
+        on_failure(message)
+    return code
+
+
+def main(fn, *args, interrupted: str, on_failure=None, exit_at_once: bool = False) -> int:
+    """fn(*args) -> exit code, with every expected failure turned into one line.
+
+    exit_at_once: on Ctrl-C leave without waiting for XLA to finish what it is computing (evaluation
+    has nothing in flight worth waiting for).
+    """
+    try:
+        return fn(*args)
+    except UserError as e:
+        return fail(str(e), 2, on_failure)
+    except TrainingStopped as e:
+        return fail(str(e), 1, on_failure)
+    except KeyboardInterrupt:
+        code = fail(interrupted, 130, on_failure)
+        if exit_at_once:
+            sys.stdout.flush()
+            os._exit(code)
+        return code
+    except Exception as e:
+        if (oom := out_of_memory(e)) is not None:
+            return fail(oom, 1, on_failure)
+        if isinstance(e, OSError):
+            return fail(f"{e.strerror or type(e).__name__}: {e.filename or e}", 1, on_failure)
+        raise
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+def sigint_ends_the_process() -> None:
+    """From a script's first line until its backend is up: a KeyboardInterrupt raised while C extensions
+    load can crash the process or be swallowed by jax's gc callback (the run then trains on). The
+    kernel's default ends it instead: nothing is written before then, and a dying process's locks go
+    with it. An ignored SIGINT (a script's `python train_char.py &`) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sigint_raises() -> None:
+    """Once the backend is up: Ctrl-C raises KeyboardInterrupt again, which main() makes one line."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class StopRequest:
+    """While the loop runs: SIGINT/SIGTERM ask it to finish the step, checkpoint and exit; a second SIGINT
+    aborts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored at start (`cmd &`): stays ignored
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            # Exit here rather than raise KeyboardInterrupt: raised inside an orbax save, it is logged
+            # with a traceback and strands orbax's threads, which then hold the interpreter open.
+            # A save cut short leaves only a *.orbax-checkpoint-tmp directory, never restored.
+            print("error: aborted by a second Ctrl-C without saving the current step; checkpoints "
+                  "already on disk are complete and intact", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --- process-wide hooks, installed by the scripts -------------------------------------------------
+
+class _DropDiskFull(logging.Filter):
+    """orbax logs a full disk from its writer threads, traceback and all; the run reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else Exception(record.getMessage())
+        return not is_disk_full(exc)
+
+
+def _is_late_tensorstore_callback(unraisable) -> bool:
+    """After a failed save (a full disk) tensorstore reports each unfinished write of that checkpoint into
+    orbax's closed event loop: one "Event loop is closed" traceback per array, echoes of a save already
+    reported."""
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None
+            and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py") for f in frames))
+
+
+_installed = []
+
+
+def install() -> None:
+    """The scripts' hooks: a full disk is said once, in main()'s one line, not again by orbax's threads,
+    tensorstore's callbacks or the TensorBoard writer's thread. Once per process (tests call main() often)."""
+    if _installed:
+        return
+    _installed.append(True)
+    logging.getLogger("absl").addFilter(_DropDiskFull())
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(u):
+        if not _is_late_tensorstore_callback(u):
+            previous_unraisable(u)
+
+    def thread_exception(args):
+        if not is_disk_full(args.exc_value):
+            threading.__excepthook__(args)
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread_exception

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mingpt_palm import parallel
+from mingpt_palm import data, distributed, parallel, sampling
 from mingpt_palm.model import token_nll
 
 
@@ -39,7 +40,7 @@ def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_le
     `byte_lengths` [vocab]: the corpus bytes each token id stands for (None: one each). `progress`, if
     given, is called with the number of windows of each batch once it is scored.
     Returns loss (nats per scored token), bits_per_token, bits_per_byte (summed loss over the bytes
-    the scored targets cover; also as `bpc`), tokens and bytes scored, over the windows of all
+    the scored targets cover), tokens and bytes scored, over the windows of all
     processes (each process passes its own).
     """
     n = len(tokens)
@@ -57,9 +58,40 @@ def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_le
             progress(min(batch_size, n - start))
     nbytes = nbytes if byte_lengths is not None else count
     # Each process scored its own windows: add the totals of all of them.
-    total, count, nbytes = parallel.sum_over_processes(
+    total, count, nbytes = distributed.sum_over_processes(
         np.array([np.sum(np.concatenate(sums)[:n]) if sums else 0.0, count, nbytes], np.float64))
     loss = total / max(count, 1)
     bits_per_byte = total / max(nbytes, 1) / math.log(2)  # this order: today's bpc, to the bit, for bytes
     return {"loss": loss, "bits_per_token": loss / math.log(2), "bits_per_byte": bits_per_byte,
-            "bpc": bits_per_byte, "tokens": int(count), "bytes": int(nbytes)}
+            "tokens": int(count), "bytes": int(nbytes)}
+
+
+class Validation:
+    """Training's periodic evaluation: the loss on fixed validation windows (the same at every evaluation,
+    each process scoring its share), scored one micro-batch at a time (a device that fits training fits
+    its evaluation), and a text sample into TensorBoard."""
+
+    def __init__(self, run, micro_batch: int):
+        cfg, vocab = run.cfg, run.vocab
+        self.cfg, self.vocab, self.micro_batch = cfg, vocab, micro_batch
+        self.p_eval = make_eval_step(run.built.model)
+        self.tokens = np.concatenate([
+            vocab.table[data.batch(run.splits.val, cfg.seed, i, cfg.batch_size, cfg.model.seq_len, data.EVAL_STREAM)]
+            for i in range(cfg.eval_batches)])
+        self.weights = np.ones(self.tokens[:, 1:].shape, np.float32)
+        self.prompt = vocab.encode(np.frombuffer(data.default_prompt(run.corpus.val, cfg.seed), np.uint8))
+
+    def __call__(self, rparams, step: int, log) -> None:
+        result = score(self.p_eval, rparams, self.tokens, self.weights, self.micro_batch, self.vocab.byte_lengths)
+        # val/bpc is bits per byte for every vocabulary (for byte and char ids the same as per token).
+        log.scalars(step, {"val/loss": result["loss"], "val/bpc": result["bits_per_byte"],
+                           "val/bits_per_token": result["bits_per_token"]})
+        if self.cfg.sample_length and log.writer:
+            ids = sampling.generate(parallel.first_replica(rparams), self.cfg.model, self.prompt,
+                                    self.cfg.sample_length, jax.random.PRNGKey(step), temperature=0.8)
+            text = (self.vocab.decode(self.prompt) + self.vocab.decode(ids[0])).decode("utf-8", errors="replace")
+            log.text(step, "samples/val_prompt", "    " + text.replace("\n", "\n    "))
+        log.flush()
+        per_token = (f" ({result['bits_per_token']:.4f} bits per token)"
+                     if result["bits_per_token"] != result["bits_per_byte"] else "")
+        log.say(f"step {step}: val loss {result['loss']:.4f}, val bpc {result['bits_per_byte']:.4f}{per_token}")

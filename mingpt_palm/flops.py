@@ -68,7 +68,7 @@ def human_bytes(n: int) -> str:
 
 def sizes(cfg: TrainConfig) -> dict:
     """The figures of cfg's model and optimizer, from jax.eval_shape of their initialisation."""
-    abstract = build(cfg)[4]
+    abstract = build(cfg).abstract
     dense, head, other = matmul_params(abstract.params)
     param_bytes, adam_bytes = nbytes(abstract.params), nbytes(abstract.opt_state)
     return {"params": dense + head + other, "matmul_params": dense + head, "param_bytes": param_bytes,

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mingpt_palm.errors import UserError
+
 # --- norms ------------------------------------------------------------------------------------
 
 
@@ -120,6 +122,35 @@ def sinusoidal(positions, dim: int) -> jax.Array:
 
 
 # --- attention --------------------------------------------------------------------------------
+
+
+def choose_attention(requested: str, dtype, dim_head: int, biased: bool) -> str:
+    """'cudnn' or 'xla' for the training/scoring forward pass; UserError for a cudnn request that cannot
+    run here (cuDNN raises deep inside compilation otherwise).
+
+    auto picks cuDNN's fused kernel for the schemes that need no score bias (rotary, learned, sinusoidal).
+    ALiBi and T5 add a bias [H, T, S], which cuDNN accepts but which no test here has run on a GPU: they
+    stay on XLA unless cudnn is asked for. Dropout on attention weights (gpt in training) has no fused
+    kernel at all and is computed by `attend` itself.
+    """
+    why_not = None
+    if jax.default_backend() != "gpu":
+        why_not = f"it needs an NVIDIA GPU (this is {jax.default_backend()})"
+    elif jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        why_not = f"it needs bfloat16 or float16 (compute dtype is {jnp.dtype(dtype).name}; pass --model.dtype bfloat16)"
+    elif dim_head % 8 or dim_head > _cudnn_max_head():
+        why_not = f"it needs --model.dim-head a multiple of 8 and at most {_cudnn_max_head()} on this GPU"
+    if requested == "cudnn" and why_not:
+        raise UserError(f"--model.attention cudnn cannot run here: {why_not}; use --model.attention xla or auto")
+    if requested == "auto":
+        return "xla" if why_not or biased else "cudnn"
+    return requested
+
+
+def _cudnn_max_head() -> int:
+    cc = getattr(jax.devices()[0], "compute_capability", "8.0")
+    return 256 if float(cc) >= 9.0 else 128
+
 
 
 def attend(q, k, v, positions, key_positions, *, context: int, implementation: str, contiguous: bool,

@@ -24,11 +24,13 @@ import dataclasses
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from mingpt_palm import layers
-from mingpt_palm.config import ModelConfig, UserError, position_scheme
+from mingpt_palm.config import ModelConfig, position_scheme
+from mingpt_palm.errors import UserError
 
 # Fan-in (LeCun) init for every projection: variance 1/fan_in keeps activations O(1) at any width.
 dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -92,32 +94,10 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 def attention_implementation(cfg: ModelConfig) -> str:
-    """'cudnn' or 'xla' for the training/scoring forward pass; UserError for a cudnn request that
-    cannot run here (cuDNN raises deep inside compilation otherwise).
-
-    auto picks cuDNN's fused kernel for the schemes that need no score bias (rotary, learned,
-    sinusoidal). ALiBi and T5 add a bias [H, T, S], which cuDNN accepts but which no test here has
-    run on a GPU: they stay on XLA unless cudnn is asked for. Dropout on attention weights (gpt in
-    training) has no fused kernel at all and is computed by `layers.attend` itself.
-    """
-    dtype = compute_dtype(cfg)
-    why_not = None
-    if jax.default_backend() != "gpu":
-        why_not = f"it needs an NVIDIA GPU (this is {jax.default_backend()})"
-    elif dtype not in (jnp.bfloat16, jnp.float16):
-        why_not = f"it needs bfloat16 or float16 (compute dtype is {dtype.name}; pass --model.dtype bfloat16)"
-    elif cfg.dim_head % 8 or cfg.dim_head > _cudnn_max_head():
-        why_not = f"it needs --model.dim-head a multiple of 8 and at most {_cudnn_max_head()} on this GPU"
-    if cfg.attention == "cudnn" and why_not:
-        raise UserError(f"--model.attention cudnn cannot run here: {why_not}; use --model.attention xla or auto")
-    if cfg.attention == "auto":
-        return "xla" if why_not or position_scheme(cfg) in ("alibi", "t5") else "cudnn"
-    return cfg.attention
-
-
-def _cudnn_max_head() -> int:
-    cc = getattr(jax.devices()[0], "compute_capability", "8.0")
-    return 256 if float(cc) >= 9.0 else 128
+    """'cudnn' or 'xla' for the training/scoring forward pass (layers.choose_attention); UserError for a
+    cudnn request that cannot run here."""
+    return layers.choose_attention(cfg.attention, compute_dtype(cfg), cfg.dim_head,
+                                   biased=position_scheme(cfg) in ("alibi", "t5"))
 
 
 def init_cache(cfg: ModelConfig, batch_shape: tuple[int, ...], dtype=None) -> dict:
@@ -147,24 +127,37 @@ def _dropout(cfg: ModelConfig, deterministic: bool):
     return None if deterministic or cfg.dropout == 0 else nn.Dropout(cfg.dropout, deterministic=False)
 
 
-def _attention(cfg, q, k, v, where, cache, drop):
+@flax.struct.dataclass
+class AttnContext:
+    """Where a block's tokens sit and what their attention may see, computed once per forward pass and
+    handed to every block (lm1b's TransformerConfig, "to minimize kwarg plumbing"). The fields after
+    `bias` are static, so that remat and jit treat them as constants."""
+
+    positions: jax.Array  # [T] each query's absolute position
+    key_positions: jax.Array  # [S] each key slot's position (-1: an empty cache slot)
+    rope: tuple | None  # rotary (cos, sin) tables, or None
+    bias: jax.Array | None  # [H, T, S] added to the scores (ALiBi, T5), or None
+    contiguous: bool = flax.struct.field(pytree_node=False)  # keys are the queries' own 0..T-1: plain causal
+    context: int = flax.struct.field(pytree_node=False)  # how far back a query may look
+    deterministic: bool = flax.struct.field(pytree_node=False)  # no dropout (evaluation, sampling)
+
+
+def _attention(cfg, q, k, v, ctx: AttnContext, cache, drop):
     """Rotary (if any), the cache write, and attention of q [..., T, H, D] over k, v [..., T, K, D].
-    `where` = (positions, key_positions, rope tables or None, score bias or None, contiguous, context).
     Returns (attention output [..., T, H * D], the layer's updated cache or None)."""
-    positions, key_positions, rope, bias, contiguous, context = where
-    if rope is not None:
-        q, k = layers.rotary(q, rope), layers.rotary(k, rope)
+    if ctx.rope is not None:
+        q, k = layers.rotary(q, ctx.rope), layers.rotary(k, ctx.rope)
     new_cache = None
     if cache is not None:
         # Write this call's keys/values at their slots, then attend over the whole cache.
-        slots = positions % cfg.seq_len
+        slots = ctx.positions % cfg.seq_len
         k = cache["k"].at[..., slots, :, :].set(k.astype(cache["k"].dtype))
         v = cache["v"].at[..., slots, :, :].set(v.astype(cache["v"].dtype))
         new_cache = {"k": k, "v": v}
     dtype = compute_dtype(cfg)
-    out = layers.attend(q, k.astype(dtype), v.astype(dtype), positions, key_positions, context=context,
-                        implementation=attention_implementation(cfg), contiguous=contiguous and cache is None,
-                        bias=bias, dropout=drop)
+    out = layers.attend(q, k.astype(dtype), v.astype(dtype), ctx.positions, ctx.key_positions, context=ctx.context,
+                        implementation=attention_implementation(cfg), contiguous=ctx.contiguous and cache is None,
+                        bias=ctx.bias, dropout=drop)
     return out.reshape(*out.shape[:-2], cfg.heads * cfg.dim_head), new_cache
 
 
@@ -181,7 +174,7 @@ class ParallelBlock(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, rope, bias, cache, contiguous, context, deterministic):
+    def __call__(self, x, ctx: AttnContext, cache=None):
         cfg, parts = self.cfg, VARIANTS[self.cfg.variant]
         dtype = compute_dtype(cfg)
         h = layers.norm(parts.norm, "norm")(x).astype(dtype)
@@ -196,9 +189,8 @@ class ParallelBlock(nn.Module):
         ff = h @ kernel[:, q_width + kv_width :].astype(dtype)
         q, kv = _split_heads(cfg, qkv[..., :q_width], qkv[..., q_width:])
         k, v = (kv, kv) if parts.kv == "shared" else (kv[..., :1, :], kv[..., 1:, :])
-        drop = _dropout(cfg, deterministic)
-        where = (positions, key_positions, rope, bias, contiguous, context)
-        attn, new_cache = _attention(cfg, q, k, v, where, cache, drop)
+        drop = _dropout(cfg, ctx.deterministic)
+        attn, new_cache = _attention(cfg, q, k, v, ctx, cache, drop)
         gate, up = jnp.split(ff, 2, axis=-1)
         out = _dense(cfg, cfg.dim, "attn_out", residual=True)(attn) + _dense(cfg, cfg.dim, "ff_out", residual=True)(
             layers.gated(parts.ff, gate, up))
@@ -212,17 +204,16 @@ class SequentialBlock(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, rope, bias, cache, contiguous, context, deterministic):
+    def __call__(self, x, ctx: AttnContext, cache=None):
         cfg, parts = self.cfg, VARIANTS[self.cfg.variant]
         dtype = compute_dtype(cfg)
-        drop = _dropout(cfg, deterministic)
+        drop = _dropout(cfg, ctx.deterministic)
         q_width, kv_width = cfg.heads * cfg.dim_head, 2 * kv_heads(cfg) * cfg.dim_head
         h = layers.norm(parts.norm, "attn_norm")(x).astype(dtype)
         qkv = _dense(cfg, q_width + kv_width, "qkv")(h)
         q, kv = _split_heads(cfg, qkv[..., :q_width], qkv[..., q_width:])
         k, v = jnp.split(kv, 2, axis=-2)
-        attn, new_cache = _attention(cfg, q, k, v, (positions, key_positions, rope, bias, contiguous, context),
-                                     cache, drop)
+        attn, new_cache = _attention(cfg, q, k, v, ctx, cache, drop)
         out = _dense(cfg, cfg.dim, "attn_out", residual=True)(attn).astype(x.dtype)
         x = x + (drop(out) if drop else out)
         h = layers.norm(parts.norm, "ff_norm")(x).astype(dtype)
@@ -266,21 +257,21 @@ class PaLM(nn.Module):
         else:
             key_positions = cache["pos"].at[positions % cfg.seq_len].set(positions)
             new_cache = {"pos": key_positions, "layers": []}
-        rope = layers.rotary_tables(positions, cfg.dim_head) if scheme == "rotary" else None
         bias = None
         if scheme == "alibi":
             bias = layers.alibi_bias(positions, key_positions, cfg.heads)
         elif scheme == "t5":
             bias = layers.RelativeBias(cfg.heads, name="rel_bias")(positions, key_positions)
+        ctx = AttnContext(positions=positions, key_positions=key_positions, bias=bias,
+                          rope=layers.rotary_tables(positions, cfg.dim_head) if scheme == "rotary" else None,
+                          contiguous=contiguous, context=context or cfg.seq_len, deterministic=deterministic)
         block = ParallelBlock if parts.arrangement == "parallel" else SequentialBlock
         # Remat applies to training and scoring; a cached decoding step has nothing worth recomputing.
         if cfg.remat != "none" and cache is None:
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(7, 8, 9))
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat])
         for i in range(cfg.depth):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block(cfg, name=f"block_{i}")(
-                x, positions, key_positions, rope, bias, layer_cache, contiguous, context or cfg.seq_len,
-                deterministic)
+            x, layer_cache = block(cfg, name=f"block_{i}")(x, ctx, layer_cache)
             if cache is not None:
                 new_cache["layers"].append(layer_cache)
 

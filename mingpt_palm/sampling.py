@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mingpt_palm import parallel
-from mingpt_palm.config import ModelConfig, UserError
+from mingpt_palm.config import ModelConfig
+from mingpt_palm.errors import UserError
 from mingpt_palm.model import PaLM, init_cache, relative_positions
 
 

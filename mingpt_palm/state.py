@@ -4,7 +4,7 @@ evaluation and the benchmarks all need, below all of them."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -32,16 +32,24 @@ def init_state(model, tx, cfg: TrainConfig) -> TrainState:
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), skipped=jnp.int32(0))
 
 
-def build(cfg: TrainConfig):
-    """(model, optimizer, schedule, decayed parameter names, abstract train state) for a config:
-    shapes only (jax.eval_shape), nothing allocated."""
+class Built(NamedTuple):
+    model: PaLM
+    tx: Any  # the optax optimizer
+    schedule: Any  # the learning rate by optax's update count (optim.lr_schedule)
+    decayed: list  # names of the weight-decayed parameters
+    abstract: TrainState  # shapes and dtypes only
+
+
+def build(cfg: TrainConfig) -> Built:
+    """The model, optimizer and abstract train state of a config: shapes only (jax.eval_shape), nothing
+    allocated."""
     model = PaLM(cfg.model)
     # The model is traced once (seconds for a deep one): the optimizer state's shapes follow from the params'.
     params = jax.eval_shape(partial(init_params, model, cfg))
     tx, schedule, decayed = make_optimizer(cfg.optim, cfg.max_steps, params)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)  # what init_state's step and skipped are
     abstract = TrainState(step=scalar, params=params, opt_state=jax.eval_shape(tx.init, params), skipped=scalar)
-    return model, tx, schedule, decayed, abstract
+    return Built(model, tx, schedule, decayed, abstract)
 
 
 def all_finite(tree) -> jax.Array:

@@ -8,6 +8,8 @@ nothing, so steps already in flight when the host finds out cannot move the run 
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,8 @@ from mingpt_palm import parallel
 from mingpt_palm.model import cross_entropy
 from mingpt_palm.state import TrainState, all_finite
 
-# status: what the host reads every step (one small vector from one device); the rest of the
-# metrics only on the steps it logs.
+# status: what the host reads every step (one small vector from one device); the metrics only on the
+# steps it logs.
 STATUS = ("finite", "halted", "stop", "bad_in_row", "loss", "grad_norm")
 DROPOUT_STREAM = 3  # folded into the seed: dropout's random numbers are not the parameter init's
 
@@ -45,7 +47,7 @@ def _grads(params, tokens, model, z_loss, keys=None):
         return cross_entropy(logits, tokens[:, 1:], z_loss)
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, {k: m[k] for k in ("loss", "bpc", "z_loss")}
+    return grads, {k: m[k] for k in ("loss", "z_loss")}
 
 
 def accumulated_grads(params, tokens, model, z_loss, keys=None):
@@ -76,14 +78,19 @@ def dropout_keys(seed: int, step, shape: tuple[int, int]):
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows).reshape(k, b, -1)
 
 
-def train_step(state: TrainState, control: Control, raw, stop, *, model, tx, schedule, z_loss, table,
+def train_step(state: TrainState, control: Control, raw, stop, *, model, tx, schedule, z_loss, table, byte_lengths,
                max_nonfinite, seed: int = 0):
     """One update from this device's bytes raw uint8 [k, b, L+1] (k micro-batches), encoded here
     through `table` (byte -> token id). `stop`: this process asks to stop; the step returns whether any
     process asked, so all processes stop after the same step. `seed` keys dropout (if the model has
-    any). Returns (state, control, metrics)."""
+    any). Returns (state, control, status, metrics): status (STATUS, read every step) and every scalar
+    to log (the logger writes whatever is here: a new metric is one line)."""
     keys = dropout_keys(seed, state.step, raw.shape[:2]) if model.cfg.dropout > 0 else None
-    grads, metrics = accumulated_grads(state.params, table[raw], model, z_loss, keys)
+    tokens = table[raw]
+    grads, metrics = accumulated_grads(state.params, tokens, model, z_loss, keys)
+    # The bytes the targets stand for (one each for byte and char ids) ride along in the one all-reduce.
+    targets = tokens[..., 1:]
+    metrics["bytes"] = jnp.sum(byte_lengths[targets]).astype(jnp.float32)
     grads, metrics = parallel.pmean((grads, metrics))
     grad_norm = optax.tree_utils.tree_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -104,7 +111,11 @@ def train_step(state: TrainState, control: Control, raw, stop, *, model, tx, sch
         opt_state=keep(opt_state, state.opt_state),
         skipped=state.skipped + (active & ~finite).astype(jnp.int32),
     )
-    metrics.update(grad_norm=grad_norm, lr=schedule(state.step - state.skipped), finite=finite, stop=stop_any,
-                   halted=halted, bad_in_row=bad)
-    metrics["status"] = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in STATUS])
-    return new_state, Control(bad_in_row=bad, halted=halted), metrics
+    tokens_per_byte = targets.size / metrics.pop("bytes")  # per device, bytes averaged: the whole batch's ratio
+    metrics.update(bits_per_token=metrics["loss"] / math.log(2), bpc=metrics["loss"] / math.log(2) * tokens_per_byte,
+                   grad_norm=grad_norm, learning_rate=schedule(state.step - state.skipped),
+                   skipped_steps=new_state.skipped)
+    status = {"finite": finite, "halted": halted, "stop": stop_any, "bad_in_row": bad, "loss": metrics["loss"],
+              "grad_norm": grad_norm}
+    return new_state, Control(bad_in_row=bad, halted=halted), jnp.stack(
+        [jnp.asarray(status[k], jnp.float32) for k in STATUS]), metrics

@@ -1,7 +1,7 @@
 """SentencePiece sub-word tokens (BPE or unigram) learned from the training split, exact on any bytes.
 
-The sibling of data.Vocab (byte and char ids) with the same interface: kind, size, encode(raw uint8) ->
-int32 ids, decode(ids) -> bytes, byte_lengths, table, unknown_count, to_json / from_json.
+The sibling of vocab.Vocab (byte and char ids) with the same methods: kind, size, encode(raw uint8) ->
+int32 ids, decode(ids) -> bytes, byte_lengths, table, unknown_count, stream, describe, to_json.
 
 Exactness: decode(encode(x)) == x byte for byte, for any x, so that bits per byte are the model's loss
 over exactly the corpus's bytes. SentencePiece is trained with no normalization (identity), no dummy
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mingpt_palm.config import DataConfig, UserError
-from mingpt_palm.data import Vocab
+from mingpt_palm.config import DataConfig
+from mingpt_palm.errors import UserError
+from mingpt_palm.logs import is_main
 
 MODEL_FILE = "tokenizer.model"  # in the experiment directory, beside vocab.json
 _SPECIAL = "\n\u2581\udc80-\udcff"
@@ -76,19 +77,12 @@ def training_lines(train: np.ndarray, budget: int, seed: int) -> tuple[list[str]
     return runs, int(np.sum(stops - starts))
 
 
-def build_vocab(cfg: DataConfig, train: np.ndarray, seed: int) -> "Vocab | SentencePieceVocab":
-    """A new run's tokenizer, from its training split alone."""
-    if cfg.tokenizer == "sentencepiece":
-        return SentencePieceVocab.train(train, cfg, seed)
-    return Vocab.build(cfg.tokenizer, train)
-
-
 class SentencePieceVocab:
     """Sub-word ids from a trained SentencePiece model (the bytes of tokenizer.model)."""
 
     kind = "sentencepiece"
 
-    def __init__(self, model: bytes, info: dict):
+    def __init__(self, model: bytes, info: dict, cache_dir: Path | None = None):
         self.model = model
         self.info = info  # how it was trained (type, vocab size, sample, seconds): vocab.json records it
         self.sha256 = hashlib.sha256(model).hexdigest()
@@ -101,7 +95,7 @@ class SentencePieceVocab:
         self._lengths = np.array([len(p) for p in self._pieces], np.int32)
         self._special_ids = {c: self._byte_ids[list(c.encode("utf-8", "surrogateescape"))].tolist()
                              for c in _SPECIAL_SET}
-        self.cache_dir: Path | None = None  # <experiment>/tokens/: ids of whole splits, see `cache_file`
+        self.cache_dir = cache_dir  # <experiment>/tokens/: ids of whole splits, see `cache_file`
 
     def _piece_bytes(self, i: int) -> bytes:
         sp, piece = self._sp, self._sp.id_to_piece(i)
@@ -167,12 +161,14 @@ class SentencePieceVocab:
 
     # --- the cache of whole splits, content-addressed ---------------------------------------------
 
-    def cache_file(self, raw: np.ndarray) -> Path | None:
-        """Where the ids of exactly these bytes under exactly this model are kept (None: no cache)."""
-        if self.cache_dir is None:
+    def cache_file(self, raw: np.ndarray, directory: Path | None = None) -> Path | None:
+        """Where the ids of exactly these bytes under exactly this model are kept, in `directory` (default
+        the experiment's tokens/ this vocabulary was read from; None: no cache)."""
+        directory = directory or self.cache_dir
+        if directory is None:
             return None
         digest = hashlib.sha256(np.ascontiguousarray(raw)).hexdigest()
-        return self.cache_dir / f"{self.sha256[:16]}-{digest[:32]}.npy"
+        return directory / f"{self.sha256[:16]}-{digest[:32]}.npy"
 
     def cached(self, raw: np.ndarray) -> np.ndarray | None:
         """The cached ids of `raw`, memory-mapped; None when there are none (or they are damaged: they
@@ -189,18 +185,44 @@ class SentencePieceVocab:
             return None
         return ids
 
-    # --- vocab.json --------------------------------------------------------------------------------
+    # --- what the rest of the package asks of a vocabulary (vocab.Vocab has the same) -----------------
+
+    def stream(self, raw: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
+        """(the token ids batches of a split are cut from, whether they had to be encoded now): a whole split
+        is encoded once per experiment and memory-mapped from its tokens/ after that."""
+        ids = self.cached(raw)
+        if ids is not None:
+            return ids, False
+        if is_main():
+            print(f"tokenizer: encoding the {name} split ({len(raw):,} bytes) once; later runs read it from "
+                  "tokens/ in the experiment", flush=True)
+        return self.encode(raw), True
+
+    def describe(self, train_tokens: int, train_bytes: int) -> str:
+        learned = (f" (learned in {self.info['train_seconds']} s from {self.info['trained_on_bytes']:,} bytes of whole "
+                   "lines)" if "train_seconds" in self.info else "")
+        return (f"tokenizer: sentencepiece {self.info.get('model_type', '')}, {self.size:,} pieces{learned}; train "
+                f"split {train_tokens:,} tokens, {train_bytes / max(train_tokens, 1):.3f} bytes/token")
+
+    def amount(self, tokens: int, text: bytes) -> str:
+        return f"{tokens} tokens, {len(text):,} bytes"
+
+    def fingerprint(self) -> str:
+        return self.sha256  # each process learns its own: the same bytes and settings give the same model
+
+    def files(self) -> dict[str, bytes]:
+        return {MODEL_FILE: self.model}
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "model_file": MODEL_FILE, "sha256": self.sha256, "size": self.size, **self.info}
 
     @classmethod
-    def from_json(cls, d: dict, model: bytes) -> "SentencePieceVocab":
+    def from_json(cls, d: dict, model: bytes, cache_dir: Path | None = None) -> "SentencePieceVocab":
         """From vocab.json's record and the bytes of the model file it names (checked against it)."""
         if hashlib.sha256(model).hexdigest() != d["sha256"]:
             raise ValueError(f"its sha256 is not the {d['sha256'][:16]}... that vocab.json records")
         vocab = cls(model, {k: d[k] for k in ("model_type", "vocab_size", "trained_on_bytes", "train_seconds")
-                            if k in d})
+                            if k in d}, cache_dir)
         if vocab.size != d["size"]:
             raise ValueError(f"it holds {vocab.size} pieces, vocab.json says {d['size']}")
         return vocab

@@ -19,7 +19,7 @@ DATA = ROOT.parent / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 WIKI = DATA / "wiki_sample.xml"
 
-# Fail fast instead of hanging if a CPU all-reduce ever gets stuck (DESIGN.md).
+# Fail fast instead of hanging if a CPU all-reduce ever gets stuck (docs/design.md, "Platform facts").
 XLA_HANG_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
                   "--xla_cpu_collective_call_terminate_timeout_seconds=6")
 

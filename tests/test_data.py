@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from mingpt_palm.vocab import Vocab
 from mingpt_palm import data
 from mingpt_palm.config import DataConfig, UserError
 
@@ -29,7 +30,7 @@ def test_standard_split_for_registered_corpus(tmp_path, monkeypatch):
     path = tmp_path / "ds" / "toy" / "toy"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"x" * 100)
-    toy = download.Corpus("toy", "http://127.0.0.1:9/toy", "0" * 64, 100, None, (80, 15, 5))
+    toy = download.Source("toy", "http://127.0.0.1:9/toy", "0" * 64, 100, None, (80, 15, 5))
     monkeypatch.setitem(download.CORPORA, "toy", toy)
     c = data.load_corpus("toy", DataConfig(datasets_dir=str(tmp_path / "ds")), progress=False)
     assert (len(c.train), len(c.val), len(c.test)) == (80, 15, 5)
@@ -68,14 +69,14 @@ def test_split_windows_predict_every_byte_once():
 
 def test_char_vocab():
     train = np.frombuffer(b"abcabc", np.uint8)
-    v = data.Vocab.build("char", train)
+    v = Vocab.build("char", train)
     assert v.size == 4 and v.unk_id == 3
     np.testing.assert_array_equal(v.encode(np.frombuffer(b"cab!", np.uint8)), [2, 0, 1, 3])
     assert v.decode([0, 1, 2, 3]) == b"abc?"
     assert v.unknown_count(np.frombuffer(b"a!!b", np.uint8)) == 2
-    w = data.Vocab.from_json(json.loads(json.dumps(v.to_json())))  # as vocab.json stores it
+    w = Vocab.from_json(json.loads(json.dumps(v.to_json())))  # as vocab.json stores it
     np.testing.assert_array_equal(w.encode(np.arange(256, dtype=np.uint8)), v.encode(np.arange(256, dtype=np.uint8)))
-    b = data.Vocab.build("byte", train)
+    b = Vocab.build("byte", train)
     assert b.size == 256 and b.decode(b.encode(np.frombuffer(b"hi\xff", np.uint8))) == b"hi\xff"
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mingpt_palm import download
 from mingpt_palm.config import UserError
-from mingpt_palm.download import CORPORA, Corpus, resolve_corpus
+from mingpt_palm.download import CORPORA, Source, resolve_corpus
 
 TEXT = b"<mediawiki>\n" + bytes(range(256)) * 40 + b"the end\n"
 
@@ -96,8 +96,8 @@ def _dead_url(path: str) -> str:
     return f"http://127.0.0.1:{port}/{path}"
 
 
-def _toy(url: str, **changes) -> dict[str, Corpus]:
-    corpus = Corpus(
+def _toy(url: str, **changes) -> dict[str, Source]:
+    corpus = Source(
         name="toy",
         url=url,
         sha256=hashlib.sha256(ZIP).hexdigest(),
@@ -106,13 +106,13 @@ def _toy(url: str, **changes) -> dict[str, Corpus]:
         split_bytes=None,
         member_size=len(TEXT),
     )
-    corpus = Corpus(**{**corpus.__dict__, **changes})
+    corpus = Source(**{**corpus.__dict__, **changes})
     return {"toy": corpus}
 
 
-def _plain(url: str) -> dict[str, Corpus]:
+def _plain(url: str) -> dict[str, Source]:
     sha = hashlib.sha256(TEXT).hexdigest()
-    return {"plain": Corpus("plain", url, sha, len(TEXT), None, None)}
+    return {"plain": Source("plain", url, sha, len(TEXT), None, None)}
 
 
 def _listing(folder: Path) -> list[str]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
+from mingpt_palm.vocab import Vocab
 from mingpt_palm import data, evaluate, parallel
 from mingpt_palm.config import ModelConfig
 from mingpt_palm.model import PaLM, cross_entropy
@@ -33,7 +34,7 @@ def test_split_scoring_counts_every_byte_and_ignores_device_count(experiment):
     _score(experiment, "--split", "test")
     four = json.loads((experiment / "e" / "eval" / "test.json").read_text())
     assert four["split_bytes"] == 1000 and four["bytes_scored"] == 999  # all but the first byte
-    assert four["checkpoint_step"] == 10 and 0 < four["bpc"] < 8
+    assert four["checkpoint_step"] == 10 and 0 < four["bits_per_byte"] < 8
     _score(experiment, "--split", "test")
     again = json.loads((experiment / "e" / "eval" / "test.json").read_text())
     assert again == four  # deterministic, to the last bit
@@ -69,7 +70,7 @@ def test_score_equals_the_training_loss_over_the_same_windows():
     model = PaLM(cfg)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
     split = np.frombuffer((b"It was the best of times, it was the worst of times. " * 2)[:87], np.uint8)
-    vocab = data.Vocab.build("byte", split)
+    vocab = Vocab.build("byte", split)
     raw, weights = data.split_windows(split, cfg.seq_len)
     tokens = vocab.encode(raw)
     batch_size = 4
@@ -84,7 +85,7 @@ def test_score_equals_the_training_loss_over_the_same_windows():
     _, m = cross_entropy(logits, tokens[:, 1:], z_loss=0.0, weights=weights)
     assert result["tokens"] == int(m["count"]) == len(split) - 1
     assert result["loss"] == pytest.approx(float(m["nll_sum"]) / float(m["count"]), rel=1e-5)
-    assert result["bpc"] == pytest.approx(result["loss"] / np.log(2), rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / np.log(2), rel=1e-12)
 
 
 # --- Windows of any length and stride (issue 10) -------------------------------------------------
@@ -127,7 +128,7 @@ def test_stride_equal_to_length_is_the_old_scoring_exactly():
     differ from the new one's (id 0): padding comes after every scored target, so under causal
     attention it cannot change a scored loss, and the equality checks that too."""
     split = np.frombuffer((b"It was the best of times, it was the worst of times. " * 3)[:151], np.uint8)
-    vocab = data.Vocab.build("char", split)
+    vocab = Vocab.build("char", split)
     cfg, model, params = _tiny_model(num_tokens=vocab.size)
     p_eval, rparams = evaluate.make_eval_step(model), parallel.replicate(params)
     raw, old_weights = _old_split_windows(split, cfg.seq_len)
@@ -136,7 +137,7 @@ def test_stride_equal_to_length_is_the_old_scoring_exactly():
     new = evaluate.score(p_eval, rparams, tokens, weights, 8, vocab.byte_lengths)
     assert len(tokens) == 10 and len(tokens) % 8  # a padded last window and a padded last batch
     assert new["tokens"] == new["bytes"] == old["tokens"] == 150
-    assert new["loss"] == old["loss"] and new["bpc"] == old["bpc"]
+    assert new["loss"] == old["loss"] and new["bits_per_byte"] == old["bpc"]
     assert new["bits_per_byte"] == new["bits_per_token"] == old["bpc"]
 
 
@@ -224,7 +225,7 @@ def test_report_gives_bits_per_byte_and_per_token(tmp_path, capsys):
     report = exp.written["val.json"]
     assert (report["eval_seq_len"], report["stride"], report["seq_len"]) == (12, 5, 16)
     assert report["tokens_scored"] == 100 and report["bytes_scored"] == 200 and report["split_bytes"] == 101
-    assert report["bits_per_byte"] == report["bpc"] == report["bits_per_token"] / 2
+    assert report["bits_per_byte"] == report["bits_per_token"] / 2 and "bpc" not in report
     assert report["bits_per_token"] == pytest.approx(report["loss_nats"] / np.log(2), rel=1e-12)
     assert 4 < report["bits_per_token"] < 12  # near log2(256) for an untrained model
     out = capsys.readouterr().out
@@ -249,7 +250,7 @@ def test_eval_scoring_shows_progress_on_stderr(tmp_path, capsys, monkeypatch):
     """eval_char's whole-split scoring: a line now and then on stderr (every LINE_INTERVAL_S, 0 here: after
     every batch) when stderr is not a terminal; stdout keeps only the report."""
     import eval_char
-    from mingpt_palm import progress
+    from mingpt_palm import logs as progress
     from mingpt_palm.config import EvalConfig, TrainConfig
 
     monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)
@@ -275,8 +276,8 @@ def test_cli_overlapping_windows_report(experiment):
     long = json.loads((experiment / "e" / "eval" / "test.json").read_text())
     assert (long["eval_seq_len"], long["stride"]) == (128, 48)
     assert long["tokens_scored"] == long["bytes_scored"] == 999
-    assert long["bits_per_byte"] == long["bpc"] == pytest.approx(long["bits_per_token"], rel=1e-12)
-    assert long["loss_nats"] != default["loss_nats"] and 0 < long["bpc"] < 8
+    assert long["bits_per_byte"] == pytest.approx(long["bits_per_token"], rel=1e-12)
+    assert long["loss_nats"] != default["loss_nats"] and 0 < long["bits_per_byte"] < 8
 
 
 def _refused(root, name, *args):
@@ -294,7 +295,7 @@ def test_cli_refuses_windows_it_cannot_score(experiment):
                                                                                             "--stride", 100)
     assert "--stride 0 must be >= 1" in _refused(experiment, "e", "--stride", 0)
     assert "--eval-seq-len 0 must be >= 1" in _refused(experiment, "e", "--eval-seq-len", 0)
-    assert "has 1,000 bytes, fewer than one scoring window of 1000 + 1 tokens" in _refused(
+    assert "has 1,000 bytes, fewer than one window of --eval-seq-len + 1 = 1001" in _refused(
         experiment, "e", "--split", "test", "--eval-seq-len", 1000)
 
 

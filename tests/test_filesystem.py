@@ -124,7 +124,8 @@ def test_only_orbax_s_echoes_of_an_abandoned_save_are_dropped_from_stderr():
     other unraisable exception still prints."""
     program = """if True:
         import _testcapi, asyncio, sys
-        import mingpt_palm.experiment
+        import mingpt_palm.errors
+        mingpt_palm.errors.install()  # as the scripts do; importing the package changes nothing process-wide
 
         def report_from_c(error):  # as tensorstore's C++ threads do: PyErr_WriteUnraisable(NULL)
             _testcapi.write_unraisable_exc(error, None, None)

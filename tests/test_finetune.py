@@ -21,7 +21,7 @@ def source(tmp_path_factory):
     from X's, not X's minus 4 small steps."""
     root = tmp_path_factory.mktemp("finetune")
     shutil.copy(need_data(SHAKESPEARE), root / "corpus.txt")
-    run_cli("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "X", "--data.vocab", "char", *TINY,
+    run_cli("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "X", "--data.tokenizer", "char", *TINY,
             "--max-steps", 4, "--checkpoint-interval", 4, "--eval-interval", 0, "--seed", 1, cwd=root)
     return root
 
@@ -97,7 +97,7 @@ def test_another_corpus_maps_bytes_outside_the_vocabulary_to_unknown(source, tmp
     (["--init-from", "experiments/nope"], ["--init-from experiments/nope: no experiment 'nope' in experiments/"]),
     (["--init-from", "experiments/empty"], ["--init-from experiments/empty:", "holds no checkpoint"]),
     (["--init-from", "experiments/X", "--model.dim", "32"], ["--model.dim 32 (it has 64)", "keeps its architecture"]),
-    (["--init-from", "experiments/X", "--data.vocab", "byte"], ["--data.tokenizer 'byte' (it has 'char')"]),
+    (["--init-from", "experiments/X", "--data.tokenizer", "byte"], ["--data.tokenizer 'byte' (it has 'char')"]),
     # A fine-tune's own command line with --restore-checkpoint continues the experiment it made (here X,
     # at its end already): --init-from then only records how it began.
     (["--init-from", "experiments/X", "--experiment-name", "X", "--restore-checkpoint"],

@@ -205,7 +205,7 @@ def test_a_step_whose_update_is_not_finite_is_skipped():
     from mingpt_palm.config import ModelConfig, TrainConfig
     from mingpt_palm.model import PaLM
     from mingpt_palm.state import init_state
-    from mingpt_palm.step import Control, train_step
+    from mingpt_palm.step import STATUS, Control, train_step
 
     cfg = TrainConfig(model=ModelConfig(seq_len=8, dim=16, depth=1, heads=2, dim_head=8))
     model = PaLM(cfg.model)
@@ -215,11 +215,13 @@ def test_a_step_whose_update_is_not_finite_is_skipped():
         tx = optax.adamw(schedule, weight_decay=0.0)
         state = init_state(model, tx, cfg)
         step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4,
-                                     table=jnp.arange(256, dtype=jnp.int32), max_nonfinite=10))
-        new, control, metrics = step(parallel.replicate(state), parallel.replicate(Control.start()),
-                                     parallel.shard_micro_batches(tokens, 1), np.zeros(jax.local_device_count(), bool))
+                                     table=jnp.arange(256, dtype=jnp.int32), byte_lengths=jnp.ones(256, jnp.int32),
+                                     max_nonfinite=10))
+        new, control, status, metrics = step(parallel.replicate(state), parallel.replicate(Control.start()),
+                                             parallel.shard_micro_batches(tokens, 1),
+                                             np.zeros(jax.local_device_count(), bool))
         assert int(control.bad_in_row[0]) == (0 if applied else 1) and not bool(control.halted[0])
-        assert bool(metrics["finite"][0]) == applied, lr
+        assert bool(status[0][STATUS.index("finite")]) == applied, lr
         assert np.isfinite(float(metrics["loss"][0])) and np.isfinite(float(metrics["grad_norm"][0]))
         changed = [not np.array_equal(a, b[0]) for a, b in zip(leaves(state.params), leaves(new.params))]
         assert all(changed) if applied else not any(changed), lr
@@ -229,7 +231,7 @@ def test_a_step_whose_update_is_not_finite_is_skipped():
 
 def test_a_state_with_nan_is_never_saved(tmp_path):
     from mingpt_palm.checkpoints import Saver
-    from mingpt_palm.config import TrainingStopped
+    from mingpt_palm.errors import TrainingStopped
 
     saver = Saver(tmp_path / "checkpoints", keep=2)
     state = {"params": {"w": np.ones(3, np.float32)}, "step": np.int32(1)}

@@ -1,12 +1,11 @@
 """Reliability, end to end through the command line: what survives a kill, a Ctrl-C, a NaN, bad input.
 
 Every kill here targets a process this file started, by its id (Popen.kill / send_signal). SIGKILL
-is the kill that cannot be caught (and JAX swallows SIGTERM in multi-process jobs, DESIGN.md).
+is the kill that cannot be caught (and JAX swallows SIGTERM in multi-process jobs, docs/design.md).
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import random
@@ -287,62 +286,28 @@ def test_second_ctrl_c_aborts_cleanly_without_a_partial_checkpoint(shakespeare, 
         assert int(load_state(ckpt.parent, step)["step"]) == step
 
 
-def test_ctrl_c_in_the_first_second_is_one_line_every_time(shakespeare, tmp_path):
-    # Wherever start-up happens to be: importing C extensions, jax's gc callback, its plugin discovery.
-    # Without interrupts.hold, 12 of 36 such Ctrl-Cs (0.2-1.7 s) crashed, printed a traceback, or were
-    # swallowed so that the run trained on (the wait below would then time out).
+def early_ctrl_c_ended_cleanly(proc, stderr: str, line: str) -> None:
+    """A Ctrl-C while the libraries load ends the process by the signal itself (the shell sees 130), with
+    nothing printed; once the backend is up it is one line and exit 130. Never a traceback, a crash
+    (SIGABRT, SIGSEGV) or a swallowed interrupt (the run would have trained on: the wait times out)."""
+    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1:] == ([line] if proc.returncode == 130 else []), stderr
+
+
+def test_ctrl_c_in_the_first_second_ends_the_run_cleanly(shakespeare, tmp_path):
+    # Raised at an arbitrary moment of start-up, a KeyboardInterrupt used to land inside a C extension's
+    # initialisation (a crash, a traceback) or in code that swallows it (jax's gc callback): 12 of 36 early
+    # Ctrl-Cs did. Until the backend is up the kernel's default handler ends the process instead.
     args = ["--dataset-path", shakespeare, *TINY, "--max-steps", 100_000, "--eval-interval", 0]
-    for i, delay in enumerate((0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3)):
+    for i, delay in enumerate((0.1, 0.5, 0.9, 1.3)):
         proc = popen_train(*args, "--experiment-name", f"early{i}", cwd=tmp_path)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
-        stdout, stderr = popen_output(tmp_path)
-        assert proc.returncode == 130, (delay, stderr)
-        assert stderr.strip().splitlines()[-1:] == [
-            "error: interrupted before training started; checkpoints already on disk are complete and intact"], stderr
-        assert "Traceback" not in stderr and "Exception ignored" not in stderr, (delay, stderr)
+        early_ctrl_c_ended_cleanly(proc, popen_output(tmp_path)[1], "error: interrupted before training started; "
+                                   "checkpoints already on disk are complete and intact")
     assert not list((tmp_path / "experiments").glob("early*"))  # nothing left to block the same command
-
-
-def test_a_ctrl_c_held_during_start_up_is_raised_at_release():
-    from mingpt_palm import interrupts
-
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    try:
-        interrupts.hold()
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)  # recorded, not raised
-        with pytest.raises(KeyboardInterrupt):
-            interrupts.release()
-        interrupts.release()  # raised once
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def test_a_ctrl_c_inside_a_gc_callback_is_raised_after_it():
-    # Python's own handler raises it inside the callback, where CPython reports it as "Exception
-    # ignored" and drops it: the Ctrl-C is lost (jax registers such a callback).
-    from mingpt_palm import interrupts
-
-    sent = []
-
-    def callback(phase, info):
-        if phase == "start" and not sent:
-            sent.append(os.kill(os.getpid(), signal.SIGINT))
-            for _ in range(100_000):  # the handler runs here, inside the callback
-                pass
-
-    previous = signal.signal(signal.SIGINT, interrupts._interrupt)
-    gc.callbacks.append(callback)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            gc.collect()
-            time.sleep(2)  # sent again 20 ms later, it lands here
-    finally:
-        gc.callbacks.remove(callback)
-        signal.signal(signal.SIGINT, previous)
-    assert sent
 
 
 def test_ctrl_c_before_training_starts_is_one_line(shakespeare, tmp_path, monkeypatch, capsys):
@@ -408,10 +373,10 @@ def test_ctrl_c_stops_eval_at_once(wiki_experiment, work, args):
 
 # --- non-finite steps (in process: a poisoned batch makes the loss NaN) ----------------------------
 
-def test_ctrl_c_in_evals_first_second_is_one_line_every_time(wiki_experiment):
+def test_ctrl_c_in_evals_first_second_ends_it_cleanly(wiki_experiment):
     # As for training (above); a lost Ctrl-C would leave this generation running past the wait.
     out, err = wiki_experiment / "early.stdout", wiki_experiment / "early.stderr"
-    for delay in (0.1, 0.4, 0.7, 1.0, 1.3):
+    for delay in (0.1, 0.7, 1.3):
         with open(out, "w") as o, open(err, "w") as e:
             proc = subprocess.Popen([sys.executable, str(ROOT / "eval_char.py"), "--experiment-name", "w", "--split",
                                      "none", "--sample-steps", "400000"], cwd=wiki_experiment, env=cli_env(devices=1),
@@ -420,10 +385,7 @@ def test_ctrl_c_in_evals_first_second_is_one_line_every_time(wiki_experiment):
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-        stderr = err.read_text()
-        assert proc.returncode == 130, (delay, stderr)
-        assert stderr.strip().splitlines()[-1:] == ["error: interrupted by Ctrl-C; nothing was written"], stderr
-        assert "Traceback" not in stderr and "Exception ignored" not in stderr, (delay, stderr)
+        early_ctrl_c_ended_cleanly(proc, err.read_text(), "error: interrupted by Ctrl-C; nothing was written")
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_path, monkeypatch, capsys):
@@ -597,7 +559,7 @@ BAD_INPUT = {
                                         "optim.b1: 0.9 saved vs 0.8 given"]),
     "restore with another split": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.val-fraction", 0.1],
                                    ["data.val_fraction: 0.05 saved vs 0.1 given"]),
-    "restore with another vocabulary": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.vocab", "char"],
+    "restore with another vocabulary": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--data.tokenizer", "char"],
                                         ["data.tokenizer: 'byte' saved vs 'char' given"]),
     "restore with another corpus": ("train_char.py", [*RESTORE_BASE, "--max-steps", 20, "--dataset-path",
                                                       "smallval.txt"],

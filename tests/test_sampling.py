@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mingpt_palm.vocab import Vocab
 from mingpt_palm.config import ModelConfig, UserError
 from mingpt_palm.model import PaLM
 from mingpt_palm.sampling import check_sampling_args, filter_logits, generate
@@ -208,7 +209,7 @@ def _eval_sample(params, capsysbinary, **kwargs):
     from mingpt_palm.config import EvalConfig, TrainConfig
 
     cfg = EvalConfig(experiment_name="e", prompt="To be, or not", sample_steps=20, **kwargs)
-    vocab = data.Vocab.build("byte", np.zeros(1, np.uint8))
+    vocab = Vocab.build("byte", np.zeros(1, np.uint8))
     eval_char.sample(cfg, TrainConfig(dataset_path="x", model=CFG), vocab, params, None)
     return capsysbinary.readouterr()
 
@@ -238,7 +239,7 @@ def test_eval_generation_shows_progress_on_stderr(params, capsysbinary, monkeypa
     import io
     import sys
 
-    from mingpt_palm import progress, sampling
+    from mingpt_palm import logs as progress, sampling
 
     monkeypatch.setattr(sampling, "CHUNK", 8)
     monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.0)

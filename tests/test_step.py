@@ -25,6 +25,7 @@ from mingpt_palm.step import Control, accumulated_grads, train_step
 
 CFG = ModelConfig(seq_len=16, dim=32, depth=2, heads=4, dim_head=8, dtype="float32")
 BYTES = jnp.arange(256, dtype=jnp.int32)
+ONES = jnp.ones(256, jnp.int32)  # every byte id stands for one byte
 
 
 def _params(cfg=CFG):
@@ -127,12 +128,12 @@ def _steps(cfg: TrainConfig, batches, accum=1):
     """Run the real (pmapped) train step over `batches`; returns (state, [metrics of each step])."""
     model, tx, schedule, _, _ = build(cfg)
     step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=cfg.model.z_loss,
-                                 table=BYTES, max_nonfinite=10))
+                                 table=BYTES, byte_lengths=ONES, max_nonfinite=10))
     state, control = parallel.replicate(init_state(model, tx, cfg)), parallel.replicate(Control.start())
     out = []
     for raw in batches:
-        state, control, metrics = step(state, control, parallel.shard_micro_batches(raw, accum),
-                                       np.zeros(jax.local_device_count(), bool))
+        state, control, _, metrics = step(state, control, parallel.shard_micro_batches(raw, accum),
+                                          np.zeros(jax.local_device_count(), bool))
         out.append(parallel.unreplicate(metrics))
     return parallel.unreplicate(state), out
 
@@ -189,7 +190,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     four, m4 = _steps(dataclasses.replace(cfg, grad_accum_steps=4), batches, accum=4)
     for a, b in zip(leaves((one.params, one.opt_state)), leaves((four.params, four.opt_state)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    for key in ("loss", "grad_norm", "lr"):
+    for key in ("loss", "grad_norm", "learning_rate"):
         np.testing.assert_allclose([m[key] for m in m1], [m[key] for m in m4], rtol=1e-5)
 
 
@@ -197,7 +198,7 @@ def _all_reduces(accum: int) -> int:
     cfg = TrainConfig(batch_size=4 * 4 * accum, model=CFG, grad_accum_steps=accum)
     model, tx, schedule, _, _ = build(cfg)
     step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4, table=BYTES,
-                                 max_nonfinite=10))
+                                 byte_lengths=ONES, max_nonfinite=10))
     state = parallel.replicate(init_state(model, tx, cfg))
     raw = np.zeros((jax.local_device_count(), accum, 4, CFG.seq_len + 1), np.uint8)
     hlo = step.lower(state, parallel.replicate(Control.start()), raw,
@@ -232,13 +233,13 @@ def test_a_halted_run_changes_nothing_in_the_steps_already_in_flight():
     cfg = TrainConfig(batch_size=8, max_steps=10, model=CFG, optim=OptimizerConfig(warmup_steps=0))
     model, tx, schedule, _, _ = build(cfg)
     step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4, table=BYTES,
-                                 max_nonfinite=10))
+                                 byte_lengths=ONES, max_nonfinite=10))
     state, control = parallel.replicate(init_state(model, tx, cfg)), parallel.replicate(Control.start())
     batches = _shakespeare_batches(4, 8, 16)
     n = jax.local_device_count()
     for i, raw in enumerate(batches):
         stop = np.full(n, i == 1)
-        state, control, metrics = step(state, control, parallel.shard_micro_batches(raw, 1), stop)
+        state, control, _, _ = step(state, control, parallel.shard_micro_batches(raw, 1), stop)
         if i == 1:
             at_stop = parallel.unreplicate(state)
     after = parallel.unreplicate(state)

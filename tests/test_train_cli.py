@@ -25,7 +25,7 @@ def test_train_then_eval(shakespeare, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if re.fullmatch(
         r"step \d+/40: loss \d+\.\d{4}, lr \d\.\d{3}e-\d\d, [\d,]+ tokens/s, \d+\.\d ms/step", line)]
     assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(5, 41, 5)), proc.stdout
-    assert f"evaluate with: python eval_char.py --experiment-name shakes --experiments-dir {exps}" in proc.stdout
+    assert f"evaluate with: python eval_char.py --experiments-dir {exps} --experiment-name shakes" in proc.stdout
     exp = exps / "shakes"
     assert json.loads((exp / "config.json").read_text())["model"]["seq_len"] == 64
     assert sorted(int(p.name) for p in (exp / "checkpoints").iterdir()) == [20, 40]
@@ -154,7 +154,7 @@ def test_char_vocab_with_unknown_bytes(tmp_path):
     # The last 10% (val + test) holds characters the training split never has.
     corpus.write_bytes(b"abcd efgh. " * 900 + b"XYZ!" * 275)
     run_cli("train_char.py", "--dataset-path", corpus, "--experiments-dir", tmp_path, "--experiment-name", "v",
-            *TINY, "--data.vocab", "char", "--max-steps", 3, "--eval-interval", 0)
+            *TINY, "--data.tokenizer", "char", "--max-steps", 3, "--eval-interval", 0)
     vocab = json.loads((tmp_path / "v" / "vocab.json").read_text())
     assert vocab["kind"] == "char" and bytes(vocab["symbols"]) == b" .abcdefgh"
     out = run_cli("eval_char.py", "--experiments-dir", tmp_path, "--experiment-name", "v", "--split", "val",
