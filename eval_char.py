@@ -156,7 +156,7 @@ def run(cfg: EvalConfig) -> int:
     restored = checkpoints.restore(exp.checkpoint_dir, build(train_cfg).abstract, cfg.checkpoint_step,
                                    live=exp.lock.holder(), warn=warn)
     if cfg.split != "none":
-        exp.report_dir()  # before sampling and scoring, which may take long, so that it cannot fail at the end
+        exp.check_reports_writable()  # before sampling and scoring, which may take long
     print(f"experiment {exp.path}: checkpoint step {restored.step}, {train_cfg.dataset_path}", file=sys.stderr)
     if cfg.sample_steps:
         sample(cfg, train_cfg, vocab, restored.state.params, corpus)

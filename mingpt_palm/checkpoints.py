@@ -19,8 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import threading
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mingpt_palm import parallel
-from mingpt_palm.errors import TrainingStopped, UserError, fs_error, is_disk_full
+from mingpt_palm.errors import TrainingStopped, UserError, is_disk_full
 
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _TRASH = "deleted"  # checkpoints/deleted/: old steps renamed here by orbax, then removed by us
@@ -154,24 +152,6 @@ def check_shapes(reader: ocp.Checkpointer, step_dir: Path, abstract_params) -> N
                     "put back the ones they were trained with (history.jsonl records them)")
 
 
-def set_aside(directory: Path, moved: list[int], dest_dir: Path, what: str, warn=print) -> list[str]:
-    """Move whole checkpoints out of `directory` into dest_dir/<step>_<time> (kept, never deleted);
-    returns where they went. Left in place, a step newer than the one a run continues from would make
-    orbax skip every save up to it, and a later restart would stumble over it again."""
-    stamp, out = f"{datetime.now():%Y-%m-%d-%H%M%S}", []
-    try:
-        if moved:
-            dest_dir.mkdir(exist_ok=True)
-        for s in moved:
-            dest = dest_dir / f"{s}_{stamp}"
-            (directory / str(s)).rename(dest)
-            warn(f"moved {what} step {s} to {dest}")
-            out.append(str(dest))
-    except OSError as e:
-        raise fs_error(f"cannot move {what} out of {directory}", e) from None
-    return out
-
-
 def nonfinite_leaves(state) -> list[str]:
     return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
             if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
@@ -233,30 +213,6 @@ class Saver:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-class HostCopy:
-    """jax.device_get of a tree on a background thread; result() waits and raises what it raised."""
-
-    def __init__(self, tree):
-        self._out, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(tree,), daemon=True, name="host-copy")
-        self._thread.start()
-
-    def _run(self, tree) -> None:
-        try:
-            self._out = jax.device_get(tree)
-        except BaseException as e:  # raised on the main thread by result()
-            self._error = e
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._out
-
-
 class Checkpointer:
     """The run's checkpoints while it trains (levanter's Checkpointer): when to save, and a pipeline that
     keeps saving off the training's critical path. A due step's state is copied on the device (the next
@@ -273,7 +229,7 @@ class Checkpointer:
         self.idle, self.before_save, self.resume_command = idle, before_save, resume_command
         self.saver = Saver(directory, keep)
         self.last_saved = start  # the step of the newest checkpoint taken (the start: none taken yet)
-        self._copy: HostCopy | None = None
+        self._copy: parallel.HostCopy | None = None
         self._pending: tuple[int, dict] | None = None  # (step, meta) of the checkpoint on its way to the host
 
     def due(self, step: int) -> bool:
@@ -292,7 +248,7 @@ class Checkpointer:
             self.last_saved = step
             with self._stopping_on_a_full_disk(step):
                 self.before_save()  # the logs: a killed run's curves then reach at least its last checkpoint
-            self._copy = HostCopy(snapshot)
+            self._copy = parallel.HostCopy(snapshot)
             self._pending = (step, {"step": step, "seed": self.meta["seed"],
                                     "tokens_seen": step * self.meta["tokens_per_step"],
                                     "devices": jax.device_count(), "processes": jax.process_count()})

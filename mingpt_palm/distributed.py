@@ -8,6 +8,7 @@ heartbeats), because a wait on it has a timeout where a collective has none.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -19,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from mingpt_palm import errors
 from mingpt_palm.errors import UserError
 
 
@@ -54,7 +56,7 @@ def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
         print(f"error: process {me} of {n} could not form the job within {timeout_s} s: {who}; start all {n} "
               "processes with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or raise --distributed-timeout",
               file=sys.stderr, flush=True)
-        os._exit(2)
+        errors.exit_now(2)
 
     threading.Thread(target=give_up, daemon=True).start()
     try:
@@ -64,6 +66,41 @@ def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
                                        heartbeat_timeout_seconds=max(timeout_s, peer_timeout_s) + 60)
     finally:
         joined.set()
+    if jax.default_backend() == "cpu":
+        _StdoutWithoutGloo()
+
+
+class _StdoutWithoutGloo:
+    """gloo (the CPU collectives of a multi-process job) announces each connection on stdout from C++ threads,
+    "[Gloo] Rank 0 is connected to 1 peer ranks. ...", where the run's own lines and a user's pipes are: fd 1
+    goes through a pipe, and a thread passes on every line but those (torn ones included)."""
+
+    def __init__(self):
+        sys.stdout.flush()
+        self.real, (self.pipe, write_end) = os.dup(1), os.pipe()
+        os.dup2(write_end, 1)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._pass_on, daemon=True, name="stdout-without-gloo")
+        self.thread.start()
+        atexit.register(self.close)
+        errors._before_exit.append(self.close)
+
+    def _pass_on(self) -> None:
+        rest = b""
+        while chunk := os.read(self.pipe, 1 << 16):
+            *lines, rest = (rest + chunk).split(b"\n")
+            kept = [line + b"\n" for line in lines if b"[Gloo]" not in line and b"peer ranks" not in line]
+            if kept:
+                os.write(self.real, b"".join(kept))
+        if rest:
+            os.write(self.real, rest)
+
+    def close(self) -> None:
+        """Everything printed so far reaches the real stdout, which fd 1 is again."""
+        if self.thread.is_alive():
+            sys.stdout.flush()
+            os.dup2(self.real, 1)  # the pipe's last write end closes: the thread reads to its end
+            self.thread.join(timeout=5)
 
 
 # jax's coordination service, run by a child of process 0 rather than inside it: when process 0 dies

@@ -8,6 +8,7 @@ it finds there and work offline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -107,8 +108,18 @@ def resolve_corpus(
         )
     corpus = corpora[path_or_name]
     folder = Path(datasets_dir) / corpus.name
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what a failed fetch takes back
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch(corpus, folder, progress)
+    except BaseException:
+        for empty in made:  # innermost first; rmdir leaves anything that holds a file
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
 
+
+def _fetch(corpus: Source, folder: Path, progress: bool) -> tuple[Path, Source]:
     target = folder / corpus.corpus_filename
     if target.exists():
         _check_size(target, corpus.corpus_size, corpus)

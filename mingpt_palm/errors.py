@@ -104,8 +104,7 @@ def main(fn, *args, interrupted: str, on_failure=None, exit_at_once: bool = Fals
     except KeyboardInterrupt:
         code = fail(interrupted, 130, on_failure)
         if exit_at_once:
-            sys.stdout.flush()
-            os._exit(code)
+            exit_now(code)
         return code
     except Exception as e:
         if (oom := out_of_memory(e)) is not None:
@@ -113,6 +112,21 @@ def main(fn, *args, interrupted: str, on_failure=None, exit_at_once: bool = Fals
         if isinstance(e, OSError):
             return fail(f"{e.strerror or type(e).__name__}: {e.filename or e}", 1, on_failure)
         raise
+
+
+_before_exit: list = []  # what must not be lost when a process leaves with exit_now
+
+
+def exit_now(code: int) -> None:
+    """Leave at once, waiting for no thread and no XLA computation (a collective with a dead peer, an orbax
+    save cut short), after what must not be lost: the lines already printed."""
+    sys.stdout.flush()
+    for hook in _before_exit:
+        try:
+            hook()
+        except Exception:  # leaving anyway
+            pass
+    os._exit(code)
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------
@@ -153,8 +167,7 @@ class StopRequest:
             # A save cut short leaves only a *.orbax-checkpoint-tmp directory, never restored.
             print("error: aborted by a second Ctrl-C without saving the current step; checkpoints "
                   "already on disk are complete and intact", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(130)
+            exit_now(130)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)

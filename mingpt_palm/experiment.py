@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -201,20 +203,24 @@ class Experiment:
         np.save(buffer, np.asarray(ids, np.int32))
         write_atomically(vocab.cache_file(raw, self.tokens_dir), buffer.getvalue())
 
-    def report_dir(self) -> Path:
-        """eval/, where reports go: made before a long scoring run, so that it cannot fail at the end."""
+    def check_reports_writable(self) -> None:
+        """Before a long scoring run, so that it cannot fail at its end; eval/ itself is made only then, so
+        that an evaluation refused or interrupted on the way leaves nothing behind."""
+        path = self.path / "eval"
+        where = path if path.is_dir() else self.path
+        if not os.access(where, os.W_OK | os.X_OK):
+            reason = "the file system is read-only" if os.statvfs(where).f_flag & os.ST_RDONLY else "permission denied"
+            raise UserError(f"cannot {'write into' if where == path else 'create'} {path}: {reason}")
+
+    def write_report(self, filename: str, report: dict) -> Path:
+        """An evaluation report in eval/, written whole or not at all."""
         path = self.path / "eval"
         try:
             path.mkdir(exist_ok=True)
         except OSError as e:
             raise fs_error(f"cannot create {path}", e) from None
-        return path
-
-    def write_report(self, filename: str, report: dict) -> Path:
-        """An evaluation report in eval/, written whole or not at all."""
-        path = self.report_dir() / filename
-        write_atomically(path, json.dumps(report, indent=2) + "\n")
-        return path
+        write_atomically(path / filename, json.dumps(report, indent=2) + "\n")
+        return path / filename
 
     # --- checkpoints (checkpoints.py reads and writes them) ----------------------------------------
 
@@ -222,12 +228,20 @@ class Experiment:
         return checkpoints.steps(self.checkpoint_dir)
 
     def set_aside(self, damaged: list[int], superseded: list[int]) -> dict:
-        """Move checkpoints a continued run must not keep beside its own: damaged ones (unreadable) and, for
-        --restore-step, the newer ones. Kept, never deleted; returns {what: [where]} for history.jsonl."""
-        moved = {}
+        """Move checkpoints a continued run must not keep beside its own into <what>_checkpoints/<step>_<time>
+        (kept, never deleted): damaged ones, and for --restore-step the newer ones. Left in place, a newer step
+        would make orbax skip every save up to it. Returns {what: [where]} for history.jsonl."""
+        stamp, moved = f"{datetime.now():%Y-%m-%d-%H%M%S}", {}
         for key, steps, what in (("damaged", damaged, "the damaged checkpoint"),
                                  ("superseded", superseded, "the newer checkpoint")):
-            if steps:
-                moved[key] = checkpoints.set_aside(self.checkpoint_dir, steps, self.path / f"{key}_checkpoints", what,
-                                                   warn)
+            dest_dir = self.path / f"{key}_checkpoints"
+            try:
+                for s in steps:
+                    dest_dir.mkdir(exist_ok=True)
+                    dest = dest_dir / f"{s}_{stamp}"
+                    (self.checkpoint_dir / str(s)).rename(dest)
+                    warn(f"moved {what} step {s} to {dest}")
+                    moved.setdefault(key, []).append(str(dest))
+            except OSError as e:
+                raise fs_error(f"cannot move {what} out of {self.checkpoint_dir}", e) from None
         return moved

@@ -8,6 +8,7 @@ job is distributed.py's.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
@@ -117,3 +118,27 @@ def pmap(fn, donate_state: bool = False):
     """
     donate = donate_state and jax.default_backend() != "cpu"
     return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+
+
+class HostCopy:
+    """jax.device_get of a tree on a background thread; result() waits and raises what it raised."""
+
+    def __init__(self, tree):
+        self._out, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(tree,), daemon=True, name="host-copy")
+        self._thread.start()
+
+    def _run(self, tree) -> None:
+        try:
+            self._out = jax.device_get(tree)
+        except BaseException as e:  # raised on the main thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out

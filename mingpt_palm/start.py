@@ -3,9 +3,7 @@
 `mode` decides; `defaults` gives the command line the defaults of that mode; `begin` builds everything
 the run needs with one function per mode and returns a frozen `Run` of concrete objects (corpus,
 vocabulary, splits, model and optimizer, state, notes): below this module nothing asks which mode it is
-in. Everything that can fail on bad input fails here, before anything is written. `record_new` writes a
-new experiment's records before its first step, `record_continued` a continued one's once its first
-step has run; `agree` makes the processes of a job compare what they are about to run.
+in. Everything that can fail on bad input fails here, before anything is written (records.py writes).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ at the first halted step it reads. Periodic work waits for the steps in flight f
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -186,8 +185,7 @@ class Trainer:
         again = self.exp.command("train_char.py", "--restore-checkpoint")
         print(f"error: {reason}; this process (process {jax.process_index()}) stops too. The last complete checkpoint "
               f"is {last}; restart every process of the job with: {again}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        errors.exit_now(1)
 
     def report(self, signum, final: int) -> int:
         main = jax.process_index() == 0

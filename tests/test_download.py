@@ -183,9 +183,9 @@ def test_http_errors(server, tmp_path, path, code):
 def test_offline(tmp_path):
     url = _dead_url("toy.zip")
     with pytest.raises(UserError, match="no connection") as err:
-        resolve_corpus("toy", tmp_path, corpora=_toy(url), progress=False)
+        resolve_corpus("toy", tmp_path / "datasets", corpora=_toy(url), progress=False)
     assert url in str(err.value) and "\n" not in str(err.value)
-    assert _listing(tmp_path / "toy") == []
+    assert list(tmp_path.iterdir()) == []  # no empty datasets/toy/ left behind by the refused fetch
 
 
 def test_interrupt_removes_temp_file(tmp_path, monkeypatch):

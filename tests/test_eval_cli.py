@@ -61,3 +61,15 @@ def test_eval_runs_the_attention_kernel_of_this_machine(experiment):
     proc = _eval(experiment, "--prompt", "It was", "--sample-steps", 4, name="gpu")
     assert "=== sample 1 of 1: 4 characters" in proc.stdout and "=== val:" in proc.stdout
     assert (experiment / "gpu" / "eval" / "val.json").is_file()
+
+
+def test_a_refused_evaluation_leaves_no_eval_directory(experiment, tmp_path):
+    """A missing --prompt-file is found while sampling, after the checkpoint is read: eval/ used to be made
+    before that (so that a long scoring run could not fail at its end) and was left behind empty."""
+    work = tmp_path / "experiments"
+    shutil.copytree(experiment / "c", work / "c")
+    assert not (work / "c" / "eval").exists()
+    proc = run_cli("eval_char.py", "--experiments-dir", work, "--experiment-name", "c", "--batch-size", 4,
+                   "--prompt-file", tmp_path / "nowhere.txt", "--sample-steps", 4, check=False)
+    assert proc.returncode == 2 and "error: --prompt-file" in proc.stderr, proc.stderr
+    assert not (work / "c" / "eval").exists()

@@ -9,20 +9,31 @@ import subprocess
 import sys
 import tomllib
 
-import pytest
 
 from conftest import ROOT, cli_env
 
 
-def runtime_requirements() -> list[str]:
-    """requirements.txt's lines above its "# Tests." section, comments dropped."""
-    text = (ROOT / "requirements.txt").read_text().split("# Tests.")[0]
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+def requirements(name: str = "requirements.txt") -> tuple[list[str], list[str]]:
+    """(runtime, tests): the lines above and below the "# Tests." section, comments dropped."""
+    parts = (ROOT / name).read_text().split("# Tests.")
+    return tuple([line.split("#")[0].strip() for line in part.splitlines() if line.split("#")[0].strip()]
+                 for part in parts)
 
 
 def test_pyproject_asks_for_what_requirements_txt_installs():
+    """`pip install -e .[test]` then the README's test command used to fail: the extra lacked pytest-xdist
+    and filelock."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["dependencies"] == runtime_requirements()
+    runtime, tests = requirements()
+    assert project["dependencies"] == runtime
+    assert project["optional-dependencies"]["test"] == tests
+
+
+def test_the_cpu_requirements_are_the_same_but_for_cuda():
+    """requirements-cpu.txt is requirements.txt with plain jax: no 4.4 GB of CUDA wheels on a CPU machine."""
+    runtime, tests = requirements()
+    assert requirements("requirements-cpu.txt") == ([r.replace("jax[cuda12]", "jax") for r in runtime], tests)
+    assert any(r.startswith("jax[cuda12]") for r in runtime)
 
 
 def test_wheel_installs_and_imports_outside_the_repository(tmp_path):
