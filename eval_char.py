@@ -12,7 +12,7 @@ from pathlib import Path
 from mingpt_palm import errors
 
 if __name__ == "__main__":  # not when a test imports this file
-    errors.sigint_ends_the_process()  # until the backend is up (mingpt_palm/errors.py)
+    errors.script_start()  # Ctrl-C until the backend is up, no CUDA plugin without a GPU (mingpt_palm/errors.py)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

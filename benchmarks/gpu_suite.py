@@ -17,7 +17,7 @@ rewritten after every run, so whatever the budget allowed is on disk even if the
    lamda (score-bias schemes) with cuDNN, whose bias path only a GPU can run.
 
   bash benchmarks/fetch_gpu_wheels.sh                 # here, once: tyro and its needs into .whl/
-  python benchmarks/gpu_suite.py --out $OUT           # there (README, "Measured figures", the full call)
+  python benchmarks/gpu_suite.py --out $OUT           # there (docs/measurements.md, "GPU": the full call)
   JAX_PLATFORMS=cpu python benchmarks/gpu_suite.py --tiny --out /tmp/x   # the same path in seconds on a CPU
 """
 

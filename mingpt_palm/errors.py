@@ -9,8 +9,10 @@ error), 130 Ctrl-C, 143 SIGTERM.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
+import pkgutil
 import re
 import signal
 import sys
@@ -130,6 +132,20 @@ def exit_now(code: int) -> None:
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------
+
+def script_start() -> None:
+    """A script's first line: Ctrl-C ends the process until the backend is up (below), and on a machine without
+    an NVIDIA GPU jax is kept from its CUDA plugin, which jax[cuda12] installs everywhere and which prints a
+    10-line traceback before falling back to the CPU. JAX_PLATFORMS, when set, is left as it is."""
+    sigint_ends_the_process()
+    if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
+        try:
+            import jax_plugins  # a namespace package: importing it loads no plugin
+        except ImportError:
+            return
+        if any(name.startswith("xla_cuda") for _, name, _ in pkgutil.iter_modules(jax_plugins.__path__)):
+            os.environ["JAX_PLATFORMS"] = "cpu"
+
 
 def sigint_ends_the_process() -> None:
     """From a script's first line until its backend is up: a KeyboardInterrupt raised while C extensions

@@ -40,7 +40,7 @@ def lr_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
     already learns (a ramp starting at 0 would make it a no-op), learning_rate at update
     warmup_steps, then a cosine to learning_rate * min_lr_ratio at update max_steps, and that floor
     after. warmup_steps 0 (or 1) starts at the peak; a warmup longer than the run is kept as given (the
-    rate then never reaches its peak; setup.py says so). train.py logs schedule(step - skipped) for the
+    rate then never reaches its peak; start.py says so). train.py logs schedule(step - skipped) for the
     step being taken: the same count optax passes.
     """
     warmup = max(1, resolved_warmup(cfg, max_steps))

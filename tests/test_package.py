@@ -79,3 +79,15 @@ def test_readme_python_example_runs_as_printed(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(2, 3, 16, 256)" in proc.stdout
+
+
+def test_a_machine_without_a_gpu_starts_without_the_cuda_plugins_traceback(tmp_path):
+    """jax[cuda12] (requirements.txt, so also CI's environment) installs its CUDA plugin on every machine;
+    on one without an NVIDIA GPU, jax tried it and printed a 10-line traceback before falling back to the
+    CPU, unless JAX_PLATFORMS=cpu was set. The scripts now keep it from the plugin there themselves."""
+    env = {k: v for k, v in cli_env(devices=1).items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_char.py"), "--model.dim", "32", "--model.depth", "1",
+                           "--print-params"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters:" in proc.stdout
+    assert "Traceback" not in proc.stderr and "plugin" not in proc.stderr, proc.stderr
