@@ -46,92 +46,14 @@ def _read_json(path: Path, what: str, fix: str):
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); it holds {what}; {fix}") from None
 
 
-class Experiment:
-    def __init__(self, experiments_dir: str | Path, name: str, unique: bool = False):
-        if not _NAME.fullmatch(name) or name in (".", ".."):
-            raise UserError(f"experiment name {name!r} must be a plain directory name inside {experiments_dir}/ "
-                            "(letters, digits, '.', '_', '-'; no '/', '..' or absolute paths)")
-        if len(name.encode()) > 250:  # room for the suffix a colliding default name gets ("-2")
-            raise UserError(f"experiment name {name[:40]!r}... is {len(name.encode())} bytes long; file systems "
-                            "allow 255 bytes per name: use at most 250")
-        self.experiments_dir = Path(experiments_dir)
-        self.unique = unique  # a default name: on a collision, `create` takes the next free suffix
-        self.created = False  # this run made the directory (and removes it if it fails before step 1)
-        self._set_name(name)
+class Records:
+    """The files an experiment directory keeps about its run, each read back checked: config.json,
+    history.jsonl, corpus.json, the vocabulary, the token cache, and evaluation reports."""
 
-    def _set_name(self, name: str) -> None:
-        self.name, self.path = name, self.experiments_dir / name
-        self.config_path, self.history_path = self.path / "config.json", self.path / "history.jsonl"
-        self.corpus_path, self.vocab_path = self.path / "corpus.json", self.path / "vocab.json"
-        self.tokens_dir, self.tb_dir = self.path / "tokens", self.path / "tb"
-        self.checkpoint_dir = (self.path / "checkpoints").absolute()
-        self.lock = RunLock(self.path)
-
-    def command(self, script: str, *args: str) -> str:
-        """The command line of `script` on this experiment (train_char.py: continue it; eval_char.py: score it)."""
-        where = ["--experiments-dir", str(self.experiments_dir)] if str(self.experiments_dir) != "experiments" else []
-        return shlex.join(["python", script, *where, "--experiment-name", self.name, *args])
-
-    # --- the directory -------------------------------------------------------------------------
-
-    def _check_parent(self) -> None:
-        if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise UserError(f"--experiments-dir {self.path.parent} is not a directory; pass a directory (it is "
-                            "created if missing)")
-
-    def check_new(self) -> None:
-        self._check_parent()
-        if self.path.is_dir():
-            holder = self.lock.holder()
-            running = f" and a training run is using it ({holder})" if holder else ""
-            raise UserError(f"experiment directory {self.path} already exists{running}; pass --restore-checkpoint to "
-                            "continue it, or choose another --experiment-name (nothing was changed)")
-        if self.path.exists() or self.path.is_symlink():
-            raise UserError(f"{self.path} exists and is not an experiment directory (it is a file); choose another "
-                            "--experiment-name (nothing was changed)")
-
-    def check_existing(self) -> None:
-        self._check_parent()
-        if not self.config_path.is_file():
-            known = ", ".join(list_experiments(self.path.parent)) or "none"
-            raise UserError(f"no experiment {self.name!r} in {self.path.parent}/ (existing experiments: {known})")
-
-    def create(self, command: str) -> None:
-        """Claim a new experiment directory and lock it. mkdir is atomic: of two runs that pick the same
-        name at once, exactly one gets the directory; the other is told who has it, or, for a default
-        name, takes the next free suffix."""
-        base = self.name
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise fs_error(f"cannot create --experiments-dir {self.path.parent}", e) from None
-        for attempt in range(2, 1000):
-            try:
-                self.path.mkdir()
-                break
-            except FileExistsError:
-                if not self.unique:
-                    self.check_new()  # raises, naming the holder if there is one
-                    raise
-                self._set_name(f"{base}-{attempt}")
-            except OSError as e:
-                raise fs_error(f"cannot create the experiment directory {self.path}", e) from None
-        else:
-            raise UserError(f"{base} and 998 numbered variants of it exist in {self.path.parent}; pass "
-                            "--experiment-name")
-        self.created = True
-        self.lock.acquire()
-        self.lock.record(command)
-
-    def discard(self) -> None:
-        """Remove a directory this run created, when the run failed before its first step: it holds
-        nothing worth keeping, and left behind it would block the same command from running again."""
-        self.lock.release()
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.created = False
-
-    # --- records ---------------------------------------------------------------------------------
+    def __init__(self, path: Path):
+        self.path = path
+        self.config_path, self.history_path = path / "config.json", path / "history.jsonl"
+        self.corpus_path, self.vocab_path, self.tokens_dir = path / "corpus.json", path / "vocab.json", path / "tokens"
 
     def write_config(self, cfg: TrainConfig) -> None:
         write_atomically(self.config_path, json.dumps(settings.to_json(cfg), indent=2) + "\n")
@@ -221,6 +143,92 @@ class Experiment:
             raise fs_error(f"cannot create {path}", e) from None
         write_atomically(path / filename, json.dumps(report, indent=2) + "\n")
         return path / filename
+
+
+class Experiment(Records):
+    """An experiment directory: its name and place, its creation, its lock and its checkpoints."""
+
+    def __init__(self, experiments_dir: str | Path, name: str, unique: bool = False):
+        if not _NAME.fullmatch(name) or name in (".", ".."):
+            raise UserError(f"experiment name {name!r} must be a plain directory name inside {experiments_dir}/ "
+                            "(letters, digits, '.', '_', '-'; no '/', '..' or absolute paths)")
+        if len(name.encode()) > 250:  # room for the suffix a colliding default name gets ("-2")
+            raise UserError(f"experiment name {name[:40]!r}... is {len(name.encode())} bytes long; file systems "
+                            "allow 255 bytes per name: use at most 250")
+        self.experiments_dir = Path(experiments_dir)
+        self.unique = unique  # a default name: on a collision, `create` takes the next free suffix
+        self.created = False  # this run made the directory (and removes it if it fails before step 1)
+        self._set_name(name)
+
+    def _set_name(self, name: str) -> None:
+        self.name = name
+        super().__init__(self.experiments_dir / name)
+        self.tb_dir, self.checkpoint_dir = self.path / "tb", (self.path / "checkpoints").absolute()
+        self.lock = RunLock(self.path)
+
+    def command(self, script: str, *args: str) -> str:
+        """The command line of `script` on this experiment (train_char.py: continue it; eval_char.py: score it)."""
+        where = ["--experiments-dir", str(self.experiments_dir)] if str(self.experiments_dir) != "experiments" else []
+        return shlex.join(["python", script, *where, "--experiment-name", self.name, *args])
+
+    # --- the directory -------------------------------------------------------------------------
+
+    def _check_parent(self) -> None:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"--experiments-dir {self.path.parent} is not a directory; pass a directory (it is "
+                            "created if missing)")
+
+    def check_new(self) -> None:
+        self._check_parent()
+        if self.path.is_dir():
+            holder = self.lock.holder()
+            running = f" and a training run is using it ({holder})" if holder else ""
+            raise UserError(f"experiment directory {self.path} already exists{running}; pass --restore-checkpoint to "
+                            "continue it, or choose another --experiment-name (nothing was changed)")
+        if self.path.exists() or self.path.is_symlink():
+            raise UserError(f"{self.path} exists and is not an experiment directory (it is a file); choose another "
+                            "--experiment-name (nothing was changed)")
+
+    def check_existing(self) -> None:
+        self._check_parent()
+        if not self.config_path.is_file():
+            known = ", ".join(list_experiments(self.path.parent)) or "none"
+            raise UserError(f"no experiment {self.name!r} in {self.path.parent}/ (existing experiments: {known})")
+
+    def create(self, command: str) -> None:
+        """Claim a new experiment directory and lock it. mkdir is atomic: of two runs that pick the same
+        name at once, exactly one gets the directory; the other is told who has it, or, for a default
+        name, takes the next free suffix."""
+        base = self.name
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise fs_error(f"cannot create --experiments-dir {self.path.parent}", e) from None
+        for attempt in range(2, 1000):
+            try:
+                self.path.mkdir()
+                break
+            except FileExistsError:
+                if not self.unique:
+                    self.check_new()  # raises, naming the holder if there is one
+                    raise
+                self._set_name(f"{base}-{attempt}")
+            except OSError as e:
+                raise fs_error(f"cannot create the experiment directory {self.path}", e) from None
+        else:
+            raise UserError(f"{base} and 998 numbered variants of it exist in {self.path.parent}; pass "
+                            "--experiment-name")
+        self.created = True
+        self.lock.acquire()
+        self.lock.record(command)
+
+    def discard(self) -> None:
+        """Remove a directory this run created, when the run failed before its first step: it holds
+        nothing worth keeping, and left behind it would block the same command from running again."""
+        self.lock.release()
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.created = False
 
     # --- checkpoints (checkpoints.py reads and writes them) ----------------------------------------
 
