@@ -1,4 +1,4 @@
-"""A run's settings as saved (config.json, history.jsonl) and compared, and what they resolve to when it starts.
+"""A run's settings as saved, compared and resolved. If this is your first read through, skip this file.
 
 Which settings define what a run computes (a continued run must keep them), which only say how it
 computes them, which a fine-tuning run may set differently from its source; the JSON form of a

@@ -56,6 +56,8 @@ def train(cfg: TrainConfig) -> int:
 
 
 class Trainer:
+    """One run's loop (steps in flight and the on-device halt: the module's first paragraph) and its periodic work."""
+
     def __init__(self, run: start.Run):
         self.run, cfg, self.exp = run, run.cfg, run.exp
         self.accum, self.depth = cfg.grad_accum_steps, parallel.steps_in_flight()
