@@ -57,34 +57,55 @@ def test_val_split_and_older_checkpoint(experiment):
 
 
 def test_score_equals_the_training_loss_over_the_same_windows():
-    """evaluate.score (pmapped over 4 devices, batches padded with zero-weight windows, per-window
-    sums added on the host) must give exactly what model.cross_entropy, the training loss, gives
-    over the same windows in one forward: nll_sum / count, and count = every byte but the first.
+    """evaluate.score (pmapped over 4 devices, batches padded with zero-weight windows, per-window sums
+    added on the host) over data.split_windows' windows must give the mean next-byte loss over the
+    split, computed here without the code under test: windows cut by hand (window w: inputs
+    split[16w : 16w+16], targets one byte later, positions past the end not scored), one plain forward
+    of the model over them, and the loss written out in float64 numpy (logsumexp minus the target's
+    logit). Neither model.token_nll, nor data.scoring_windows / window_spans, nor the eval step's
+    weighting is reused, so a bug in any of them shows.
 
-    rel 1e-5: both sides sum float32 per-token losses of ~5.5 nats; the reference adds all 86 in
-    float32 (worst-case relative error 86 * 6e-8 = 5e-6), score adds per-window float32 sums in
-    float64, and the logits come from differently batched matmuls (~1e-6). Scoring the 10 padded
-    positions, losing the padded window or shifting targets moves the loss by more than 1%.
-    """
+    rel 1e-6: the reference adds float64 losses of float32 logits; score adds float32 per-token losses
+    into float32 per-window sums (16 terms of ~5.5: relative error ~1e-6 at worst) in float64, from the
+    logits of differently batched matmuls; measured 4e-10. Scoring the 10 padded positions,
+    losing the padded window, shifting targets or windows by one, or a wrong logsumexp moves the loss
+    by far more (1e-3 relative and up)."""
     cfg = ModelConfig(seq_len=16, dim=32, depth=2, heads=4, dim_head=8)
     model = PaLM(cfg)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
     split = np.frombuffer((b"It was the best of times, it was the worst of times. " * 2)[:87], np.uint8)
     vocab = Vocab.build("byte", split)
+    assert np.array_equal(vocab.encode(split), split)  # byte ids are the bytes
     raw, weights = data.split_windows(split, cfg.seq_len)
     tokens = vocab.encode(raw)
     batch_size = 4
     # 6 windows in batches of 4: the second batch is padded with 2 empty windows, and the last real
     # window scores only 86 - 5 * 16 = 6 of its 16 positions.
-    assert len(tokens) == 6 and len(tokens) % batch_size and weights[-1].sum() == 6
+    assert len(tokens) == 6 and len(tokens) % batch_size
     assert batch_size % jax.local_device_count() == 0
 
     result = evaluate.score(evaluate.make_eval_step(model), parallel.replicate(params), tokens, weights, batch_size)
 
-    logits, _ = model.apply({"params": params}, tokens[:, :-1])
-    _, m = cross_entropy(logits, tokens[:, 1:], z_loss=0.0, weights=weights)
-    assert result["tokens"] == int(m["count"]) == len(split) - 1
-    assert result["loss"] == pytest.approx(float(m["nll_sum"]) / float(m["count"]), rel=1e-5)
+    # The reference, by hand.
+    length, ids = cfg.seq_len, split.astype(np.int64)
+    inputs = np.zeros((6, length), np.int64)
+    targets = np.zeros((6, length), np.int64)
+    scored = np.zeros((6, length), bool)
+    for w in range(6):
+        chunk = ids[w * length : w * length + length + 1]  # up to 17 bytes: 16 inputs, 16 targets
+        inputs[w, : min(length, len(chunk))] = chunk[:length]
+        targets[w, : len(chunk) - 1] = chunk[1:]
+        scored[w, : len(chunk) - 1] = True
+    assert scored.sum() == len(split) - 1 == 86 and scored[-1].sum() == 6
+    logits, _ = model.apply({"params": params}, jnp.asarray(inputs, jnp.int32))
+    logits = np.asarray(logits, np.float64)  # [6, 16, 256]
+    top = logits.max(axis=-1)
+    lse = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+    nll = lse - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    expected = nll[scored].sum() / scored.sum()
+
+    assert result["tokens"] == int(scored.sum())
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / np.log(2), rel=1e-12)
 
 

@@ -25,7 +25,14 @@ each_relative = pytest.mark.parametrize("cfg", RELATIVE, ids=_id)
 
 
 def _params(cfg=CFG):
-    return PaLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    """Initial parameters, but for T5's bias table: it starts at zero (the model starts position-blind),
+    and every test here would then run without a position bias. It gets N(0, 1) values instead, so that
+    causality, the cache and relative positions are tested with the bias in play."""
+    params = PaLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    if "rel_bias" in params:
+        table = params["rel_bias"]["table"]
+        params = {**params, "rel_bias": {"table": jax.random.normal(jax.random.PRNGKey(9), table.shape, table.dtype)}}
+    return params
 
 
 @partial(jax.jit, static_argnums=0)
@@ -176,13 +183,20 @@ def test_attention_window_is_exactly_seq_len(cfg):
 
 @each_relative
 def test_logits_depend_only_on_relative_positions(cfg):
-    """Rotary embeddings make attention scores a function of query - key alone: the same tokens at
-    positions offset..offset + T - 1 give the same logits for any offset.
+    """Rotary embeddings, ALiBi and T5's bias make attention scores a function of query - key alone: the
+    same tokens at positions offset..offset + T - 1 give the same logits for any offset.
 
     Tolerance 1e-4 absolute: the angles position * frequency are float32, so at positions near
     1000 they carry rounding errors up to ~1000 * 6e-8 = 6e-5 rad, which moves logits of order 5
     by at most that order (measured 4e-6). Rotating q and k by different positions, or a wrong
     rotation (one that is not orthogonal, mixing the wrong pairs), moves them by 1e-2 or more.
+
+    A model blind to positions would pass that trivially, so the distances must matter too: the same
+    8 tokens spread out (positions 0, 2, .., 14, every key still within seq_len, the causal mask the
+    same) give other logits at every position that sees another token. A scheme that is not applied
+    (rotary returning its input, no ALiBi or T5 bias, or a T5 bias of query - key clipped to one
+    bucket), or positions ignored altogether, leaves them equal (0 difference); the measured
+    differences are 0.1 to 2.4, the bound 1e-2. Position 0 sees only itself, at distance 0 either way.
     """
     params = _params(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(7), (2, cfg.seq_len), 0, 256)
@@ -191,6 +205,13 @@ def test_logits_depend_only_on_relative_positions(cfg):
     for offset in (37, 1000):
         shifted, _ = _apply(cfg, params, tokens, positions + offset)
         np.testing.assert_allclose(shifted, base, atol=1e-4, rtol=0, err_msg=f"offset {offset}")
+
+    short = tokens[:, :8]
+    close, _ = _apply(cfg, params, short, positions[:8])
+    spread, _ = _apply(cfg, params, short, 2 * positions[:8])
+    np.testing.assert_allclose(spread[:, 0], close[:, 0], atol=1e-4, rtol=0)
+    moved = np.abs(np.asarray(spread - close)).max(axis=(0, 2))  # per position
+    assert (moved[1:] > 1e-2).all(), moved
 
 
 @each_variant

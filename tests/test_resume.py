@@ -106,15 +106,30 @@ def test_a_moved_corpus_with_the_same_bytes_is_the_same_corpus(reference, tmp_pa
     assert f"corpus: {moved} (moved from {SHAKESPEARE.resolve()}; same size and sha256)" in proc.stdout
 
 
-def test_max_epochs_gives_the_exact_step_count(tmp_path):
-    """0.0051 epochs of tinyshakespeare's 1,015,010 training bytes (val 4%, test 5%) in windows of 64, batch 8:
-    ceil(0.0051 * 1015010 / 64 / 8) = ceil(10.11) = 11. Counting the whole file (12), windows of 65 bytes (10),
-    flooring (10) or per-device batches (41) would each give another number."""
+def test_max_epochs_gives_the_exact_step_count(tmp_path, in_process):
+    """An epoch of tinyshakespeare's 1,015,010 training bytes (val 4%, test 5%) in windows of 64, batch 8, is
+    1015010 / 512 = 1982.44 steps; a run takes the ceiling of epochs times that:
+
+        --max-epochs 0.00051: 1.011 -> 2 steps (floor and round: 1; windows of 65 bytes: 1; batches of 2
+                              per device: 5)
+        --max-epochs 0.0014:  2.775 -> 3 steps (floor: 2; round: 3; the whole file's 1,115,394 bytes: 4;
+                              batches of 2 per device: 12)
+
+    so the pair is (2, 3) for the ceiling and (1, 2), (1, 3), (2, 4), (1, 3), (5, 12) for each mistake. Run in
+    this process (two short runs of 2 and 3 steps), as the command line would run them."""
+    import json
+
     from conftest import SHAKESPEARE, need_data
 
-    proc = run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", tmp_path,
-                   *SETTINGS, "--max-epochs", 0.0051, "--experiment-name", "epochs", "--checkpoint-interval", 1000)
-    assert "steps 0 -> 11" in proc.stdout
+    for epochs, steps in ((0.00051, 2), (0.0014, 3)):
+        proc = in_process("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", tmp_path,
+                          *SETTINGS, "--max-epochs", epochs, "--experiment-name", f"epochs{steps}",
+                          "--checkpoint-interval", 1000, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        planned = next((line for line in proc.stdout.splitlines() if line.startswith("experiment: ")), proc.stdout)
+        assert planned.endswith(f"; steps 0 -> {steps}"), (epochs, planned)
+        saved = json.loads((tmp_path / f"epochs{steps}" / "config.json").read_text())
+        assert (saved["max_epochs"], saved["max_steps"]) == (epochs, steps)
 
 
 def test_how_but_not_what_may_change_on_resume(reference, tmp_path):

@@ -19,7 +19,7 @@ from mingpt_palm import layers
 from mingpt_palm import model as model_lib
 from mingpt_palm import parallel
 from mingpt_palm.config import ModelConfig, OptimizerConfig, TrainConfig
-from mingpt_palm.model import PaLM, init_cache
+from mingpt_palm.model import PaLM, cross_entropy, init_cache
 from mingpt_palm.state import build, init_state
 from mingpt_palm.step import Control, accumulated_grads, train_step
 
@@ -29,7 +29,13 @@ ONES = jnp.ones(256, jnp.int32)  # every byte id stands for one byte
 
 
 def _params(cfg=CFG):
-    return PaLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    """Initial parameters, but for T5's bias table, zero at init (no position bias at all): N(0, 1) here,
+    so that lamda's attention is compared with its bias in play."""
+    params = PaLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    if "rel_bias" in params:
+        table = params["rel_bias"]["table"]
+        params = {**params, "rel_bias": {"table": jax.random.normal(jax.random.PRNGKey(9), table.shape, table.dtype)}}
+    return params
 
 
 def einsum_attend(q, k, v, positions, key_positions, *, context, implementation, contiguous, bias=None,
@@ -194,29 +200,180 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose([m[key] for m in m1], [m[key] for m in m4], rtol=1e-5)
 
 
-def _all_reduces(accum: int) -> int:
+def _dropout_step(model_cfg: ModelConfig, seed: int, accum: int = 1):
+    """raw, step -> (loss, grad_norm) of one real (pmapped) train step from the initial parameters at
+    state.step = step, `seed` keying dropout; compiled once."""
+    cfg = TrainConfig(batch_size=8, model=model_cfg, grad_accum_steps=accum, optim=OptimizerConfig(warmup_steps=0))
+    model, tx, schedule, _, _ = build(cfg)
+    step_fn = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=model_cfg.z_loss,
+                                    table=BYTES, byte_lengths=ONES, max_nonfinite=10, seed=seed))
+    state = init_state(model, tx, cfg)
+
+    def run(raw, step: int):
+        _, _, _, metrics = step_fn(parallel.replicate(state.replace(step=jnp.int32(step))),
+                                   parallel.replicate(Control.start()), parallel.shard_micro_batches(raw, accum),
+                                   np.zeros(jax.local_device_count(), bool))
+        metrics = parallel.unreplicate(metrics)
+        return float(metrics["loss"]), float(metrics["grad_norm"])
+
+    return run
+
+
+def test_the_train_step_drops_out_with_the_keys_of_seed_step_and_row():
+    """gpt with dropout 0.3 through the real train step (4 devices x 2 micro-batches of 1 sequence): the
+    loss and gradient norm are those of a reference that applies dropout to each sequence of the global
+    batch with the key dropout_keys gives its row (all 8 rows at once on one device), at this seed (3)
+    and step (5), and not the deterministic ones; the same batch at another step draws other masks.
+
+    rel 1e-5: the same masks, and a mean of 8 sequences' gradients summed in another order (measured
+    3e-7). Without dropout (keys None) the loss moves by 1e-3 and the gradient norm by 2% (an untrained
+    model's loss is near log 256 whatever is dropped); keys of the wrong rows (the device left out of
+    the row), of step 0 or of seed 0 draw other masks and miss the reference loss by 1e-3 to 7e-3
+    (measured), the other step's loss differs by 6e-3 and its gradient norm by 6%."""
+    from mingpt_palm.step import dropout_keys
+
+    model_cfg = dataclasses.replace(CFG, variant="gpt", dropout=0.3)
+    raw = np.random.default_rng(0).integers(0, 256, (8, CFG.seq_len + 1), dtype=np.uint8)
+    seed, step = 3, 5
+    step_fn = _dropout_step(model_cfg, seed, accum=2)
+    loss, grad_norm = step_fn(raw, step)
+
+    model = PaLM(model_cfg)
+    params = _params(model_cfg)  # init_state's: PRNGKey(TrainConfig.seed = 0)
+    keys = jax.pmap(lambda _: dropout_keys(seed, step, (1, 8)), axis_name=parallel.AXIS,
+                    devices=jax.devices()[:1])(jnp.zeros(1))[0, 0]  # [8 rows, key]
+    tokens = jnp.asarray(raw, jnp.int32)
+
+    @partial(jax.jit, static_argnums=1)
+    def loss_and_grad_norm(p, dropout):
+        def loss_fn(p):
+            if dropout:  # one key per sequence, as the step does
+                def apply(t, k):
+                    return model.apply({"params": p}, t, deterministic=False, rngs={"dropout": k})[0]
+
+                logits = jax.vmap(apply)(tokens[:, :-1], keys)
+            else:
+                logits, _ = model.apply({"params": p}, tokens[:, :-1])
+            total, m = cross_entropy(logits, tokens[:, 1:], model_cfg.z_loss)
+            return total, m["loss"]
+
+        (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        return ce, optax.tree_utils.tree_norm(grads)
+
+    ref_loss, ref_norm = map(float, loss_and_grad_norm(params, True))
+    plain_loss, plain_norm = map(float, loss_and_grad_norm(params, False))
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and grad_norm == pytest.approx(ref_norm, rel=1e-5)
+    assert abs(loss - plain_loss) > 1e-4 and abs(grad_norm - plain_norm) > 5e-3 * plain_norm, (loss, plain_loss)
+    other_loss, other_norm = step_fn(raw, 0)
+    assert abs(other_loss - loss) > 1e-3 and abs(other_norm - grad_norm) > 5e-3 * grad_norm, (other_loss, loss)
+
+
+def _compiled_step_hlo(accum: int) -> str:
     cfg = TrainConfig(batch_size=4 * 4 * accum, model=CFG, grad_accum_steps=accum)
     model, tx, schedule, _, _ = build(cfg)
     step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=1e-4, table=BYTES,
                                  byte_lengths=ONES, max_nonfinite=10))
     state = parallel.replicate(init_state(model, tx, cfg))
     raw = np.zeros((jax.local_device_count(), accum, 4, CFG.seq_len + 1), np.uint8)
-    hlo = step.lower(state, parallel.replicate(Control.start()), raw,
-                     np.zeros(jax.local_device_count(), bool)).compile().as_text()
-    return len(re.findall(r"= [^\n]*all-reduce(?:-start)?\(", hlo))
+    return step.lower(state, parallel.replicate(Control.start()), raw,
+                      np.zeros(jax.local_device_count(), bool)).compile().as_text()
+
+
+ALL_REDUCE = re.compile(r"= [^\n]*\ball-reduce(?:-start)?\(")
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """name -> instructions of every computation in HLO text: a computation starts with a line
+    `[ENTRY ]%name (params) -> type {` and ends with a line `}`."""
+    found, name, lines = {}, None, []
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if header:
+            name, lines = header.group(1), []
+        elif line == "}" and name is not None:
+            found[name], name = "\n".join(lines), None
+        elif name is not None:
+            lines.append(line)
+    return found
+
+
+def _called(text: str) -> list[str]:
+    """The computations the instructions in `text` call: fusions, loops, conditionals, reducers."""
+    single = re.findall(r"\b(?:calls|body|condition|to_apply)=%([\w.\-]+)", text)
+    several = re.findall(r"\b(?:branch_computations|called_computations|calls)=\{([^}]*)\}", text)
+    return single + [n.strip().lstrip("%") for group in several for n in group.split(",") if n.strip()]
+
+
+def _all_reduces_in_loops(hlo: str) -> dict[str, int]:
+    """For each while loop's body: the all-reduces in it and in everything it calls (an all-reduce in a
+    loop body runs once per iteration, but the text shows it once)."""
+    computations = _computations(hlo)
+    out = {}
+    for body in re.findall(r"\bwhile\([^\n]*\bbody=%([\w.\-]+)", hlo):
+        assert body in computations, f"while body {body} not found in the HLO text"
+        seen, todo = set(), [body]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(_called(computations[name]))
+        out[body] = sum(len(ALL_REDUCE.findall(computations[name])) for name in seen)
+    return out
 
 
 def test_accumulation_all_reduces_once_per_update_not_per_micro_batch():
-    """The compiled step has as many all-reduces with 4 micro-batches as with 1 (XLA may combine the
-    gradient leaves into a few): an all-reduce inside the scan would run 4 times and show as extra ones
-    (optax.MultiSteps under pmap would all-reduce every micro-batch)."""
-    assert _all_reduces(4) == _all_reduces(1)
+    """With 4 micro-batches the compiled step runs its scan as a while loop, and no all-reduce sits in
+    that loop's body or in anything it calls: the gradients are averaged over devices once, after the
+    loop (optax.MultiSteps under pmap would all-reduce every micro-batch). Counting all-reduces in the
+    whole text cannot tell: one inside the loop is written once however often it runs, and XLA
+    combines the gradient leaves and metrics into one or a few, so a pmean moved into the scan body
+    (with the metrics and the byte count) gives the same count, 2 (the sums and the stop flag's max).
+    The count must still match 1 micro-batch's, in case XLA ever unrolls the loop."""
+    one, four = _compiled_step_hlo(1), _compiled_step_hlo(4)
+    loops = _all_reduces_in_loops(four)
+    assert loops, "the scan over micro-batches compiled to no while loop"
+    assert not any(loops.values()), loops
+    assert len(ALL_REDUCE.findall(four)) == len(ALL_REDUCE.findall(one))
+
+
+def _saved_for_backward(cfg: ModelConfig, params, tokens) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes) of every array the loss's backward pass keeps from its forward pass, by jax's own
+    account (jax.ad_checkpoint.print_saved_residuals), the arguments (parameters, tokens) left out."""
+    import contextlib
+    import io
+
+    import jax.ad_checkpoint
+
+    def loss(p):
+        logits, _ = PaLM(cfg).apply({"params": p}, tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:], cfg.z_loss)[0]
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, params)
+    saved = []
+    for line in printed.getvalue().splitlines():
+        if "from the argument" not in line:
+            dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            itemsize = {"f32": 4, "i32": 4, "bool": 1, "bf16": 2}[dtype]
+            saved.append((shape, itemsize * math.prod(shape)))
+    return saved
 
 
 @pytest.mark.parametrize("remat", ["block", "dots"])
 def test_remat_gives_the_same_gradients(remat):
     """Rematerialisation recomputes the same operations: the gradients agree to float32 rounding (1e-6
-    absolute on gradients of order 1e-2, measured 0), and the parameters (and so checkpoints) are the same."""
+    absolute on gradients of order 1e-2, measured 0), and the parameters (and so checkpoints) are the same.
+
+    And it is on: the backward pass keeps less of the forward. Without remat it keeps each block's
+    attention weights [B, T, H, S] and feed-forward activations [B, T, ff] (1.5 MB in all here); with
+    `block` only each block's input (0.24 MB: the logits' softmax is outside the blocks), with `dots`
+    the matmul outputs too (0.59 MB: q, k and v out of the fused projection among them), neither any
+    attention weights. nn.remat left out, or cfg.remat ignored, keeps them all; the two policies
+    swapped keep the wrong matmuls. (XLA's CPU compiler shows no such difference in
+    memory_analysis().temp_size_in_bytes, not even for a plain jax.checkpoint'ed MLP, so the check is
+    on jax's own account of the residuals.)"""
     tokens = jnp.asarray(np.stack(_shakespeare_batches(1, 8, 16)[0]), jnp.int32)[None]
     plain = _params(CFG)
     cfg = dataclasses.replace(CFG, remat=remat)
@@ -225,6 +382,15 @@ def test_remat_gives_the_same_gradients(remat):
     g1, _ = accumulated_grads(plain, tokens, PaLM(cfg), 1e-4)
     for a, b in zip(leaves(g0), leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+    weights_shape = (8, CFG.seq_len, CFG.heads, CFG.seq_len)
+    kept = _saved_for_backward(CFG, plain, tokens[0])
+    assert sum(1 for shape, _ in kept if shape == weights_shape) >= CFG.depth  # what remat is there to spare
+    remat_kept = _saved_for_backward(cfg, plain, tokens[0])
+    assert not [shape for shape, _ in remat_kept if shape == weights_shape]
+    assert sum(b for _, b in remat_kept) < 0.5 * sum(b for _, b in kept), (remat_kept, kept)
+    fused = (8, CFG.seq_len, CFG.heads * CFG.dim_head + 2 * CFG.dim_head)  # q, k, v out of the fused projection
+    assert any(shape == fused for shape, _ in remat_kept) == (remat == "dots"), remat_kept
 
 
 def test_a_halted_run_changes_nothing_in_the_steps_already_in_flight():

@@ -45,6 +45,84 @@ def test_t5_buckets_by_hand():
     assert np.isfinite(g).all()
 
 
+def _hand_rotary(x, positions):
+    """Rotary embeddings (Su et al. 2021) written out in float64 complex numbers: feature i and feature
+    i + D/2 are the real and imaginary parts of one number, turned by position * 10000^(-i / (D/2))."""
+    half = x.shape[-1] // 2
+    angles = np.asarray(positions, np.float64)[:, None] * 10000.0 ** (-np.arange(half) / half)  # [T, D/2]
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angles)[:, None, :]  # over heads
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rotary_by_hand():
+    """layers.rotary against the complex rotation above; and one value worked out by hand: a unit
+    vector on feature 0 (D = 4, frequencies 1 and 1/100) at position 2 becomes (cos 2, 0, sin 2, 0).
+    rtol 1e-5: float32 angles of positions up to 1000 (~6e-5 rad off). Returning x unrotated, pairing
+    neighbours (2i, 2i+1) instead of halves, or another base is off by O(1)."""
+    positions = np.array([0, 1, 2, 7, 100, 1000])
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 6, 3, 8)))
+    got = layers.rotary(jnp.asarray(x), layers.rotary_tables(jnp.asarray(positions), 8))
+    np.testing.assert_allclose(got, _hand_rotary(x.astype(np.float64), positions), atol=1e-4, rtol=0)
+    unit = jnp.zeros((1, 1, 4)).at[0, 0, 0].set(1.0)
+    np.testing.assert_allclose(layers.rotary(unit, layers.rotary_tables(jnp.array([2]), 4))[0, 0],
+                               [np.cos(2.0), 0.0, np.sin(2.0), 0.0], atol=1e-6)
+
+
+SCHEME_VARIANT = {"rotary": "palm", "alibi": "palm-lite", "t5": "lamda"}
+
+
+@pytest.mark.parametrize("scheme", SCHEME_VARIANT)
+def test_positions_enter_attention_as_computed_by_hand(scheme, monkeypatch):
+    """The whole model's logits against the same model whose attention is replaced by a float64 reference
+    that computes the position term itself, by hand, from the positions the test gave (with gaps, so
+    that distances are not indices): rotary turns q and k (the model's own rotation switched off),
+    ALiBi adds -slope_h * (query - key) with 4 heads' slopes 2^-2, 2^-4, 2^-6, 2^-8 (Press et al.), T5
+    adds table[query - key, h] (distances below 16 have a bucket each) from a table of N(0, 1) values
+    (at init it is zero: no bias at all). atol 1e-4 on logits up to ~5 (float32 against float64,
+    measured 1e-6).
+
+    A scheme the model does not apply, an ALiBi bias of the wrong sign, slopes or head order, a T5
+    distance of key - query (every allowed key then falls into bucket 0, a constant that softmax
+    ignores), a bias transposed or positions ignored (0..T-1 assumed) are each off by 1e-2 or more;
+    the reference without its position term is checked to be that far off too (measured 1.2 to 2.2)."""
+    cfg = ModelConfig(variant=SCHEME_VARIANT[scheme], seq_len=16, dim=32, depth=2, heads=4, dim_head=8,
+                      dtype="float32")
+    model = PaLM(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    if scheme == "t5":
+        assert not np.asarray(params["rel_bias"]["table"]).any()  # zero at init: position-blind
+        params = {**params, "rel_bias": {"table": jax.random.normal(jax.random.PRNGKey(1), (32, 4))}}
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 256)
+    positions = np.array([3, 4, 6, 7, 11, 12, 13, 17])  # every distance below seq_len: nothing masked by it
+    distance = positions[:, None] - positions[None, :]  # [T, S], query - key
+    slopes = np.array([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])
+    table = np.asarray(params["rel_bias"]["table"], np.float64) if scheme == "t5" else None
+
+    def hand_attend(q, k, v, *_, with_positions=True, **__):
+        q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))  # [B, T, H, D]; k, v [B, S, 1, D]
+        if scheme == "rotary" and with_positions:
+            q, k = _hand_rotary(q, positions), _hand_rotary(k, positions)
+        k, v = np.repeat(k, 4, axis=-2), np.repeat(v, 4, axis=-2)
+        scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(8)
+        if scheme == "alibi" and with_positions:
+            scores = scores - slopes[:, None, None] * distance
+        if scheme == "t5" and with_positions:
+            scores = scores + np.transpose(table[np.maximum(distance, 0)], (2, 0, 1))
+        scores = np.where(distance >= 0, scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        return jnp.asarray(np.einsum("bhts,bshd->bthd", weights, v), jnp.float32)
+
+    ours, _ = model.apply({"params": params}, tokens, jnp.asarray(positions))
+    monkeypatch.setattr(layers, "rotary", lambda x, tables: x)
+    monkeypatch.setattr(layers, "attend", hand_attend)
+    reference, _ = model.apply({"params": params}, tokens, jnp.asarray(positions))
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+    monkeypatch.setattr(layers, "attend", lambda *a, **k: hand_attend(*a, with_positions=False, **k))
+    blind, _ = model.apply({"params": params}, tokens, jnp.asarray(positions))
+    assert np.abs(np.asarray(blind - reference)).max() > 1e-2
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_weight_decay_only_on_kernels(variant):
     """No bias, norm scale, embedding, position table or T5 bias table is decayed; every matmul kernel is."""
