@@ -68,11 +68,14 @@ def test_rotary_by_hand():
                                [np.cos(2.0), 0.0, np.sin(2.0), 0.0], atol=1e-6)
 
 
-SCHEME_VARIANT = {"rotary": "palm", "alibi": "palm-lite", "t5": "lamda"}
+# gpt-alibi: several key/value heads, so the bias reaches jax.nn.dot_product_attention's own bias argument
+# (palm-lite and lamda, with one key head in float32, take layers._attend_xla's folded path instead).
+SCHEMES = {"rotary": ("rotary", "palm"), "alibi": ("alibi", "palm-lite"), "t5": ("t5", "lamda"),
+           "gpt-alibi": ("alibi", "gpt")}
 
 
-@pytest.mark.parametrize("scheme", SCHEME_VARIANT)
-def test_positions_enter_attention_as_computed_by_hand(scheme, monkeypatch):
+@pytest.mark.parametrize("case", SCHEMES)
+def test_positions_enter_attention_as_computed_by_hand(case, monkeypatch):
     """The whole model's logits against the same model whose attention is replaced by a float64 reference
     that computes the position term itself, by hand, from the positions the test gave (with gaps, so
     that distances are not indices): rotary turns q and k (the model's own rotation switched off),
@@ -85,7 +88,8 @@ def test_positions_enter_attention_as_computed_by_hand(scheme, monkeypatch):
     distance of key - query (every allowed key then falls into bucket 0, a constant that softmax
     ignores), a bias transposed or positions ignored (0..T-1 assumed) are each off by 1e-2 or more;
     the reference without its position term is checked to be that far off too (measured 1.2 to 2.2)."""
-    cfg = ModelConfig(variant=SCHEME_VARIANT[scheme], seq_len=16, dim=32, depth=2, heads=4, dim_head=8,
+    scheme, variant = SCHEMES[case]
+    cfg = ModelConfig(variant=variant, position=scheme, seq_len=16, dim=32, depth=2, heads=4, dim_head=8,
                       dtype="float32")
     model = PaLM(cfg)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
@@ -99,10 +103,10 @@ def test_positions_enter_attention_as_computed_by_hand(scheme, monkeypatch):
     table = np.asarray(params["rel_bias"]["table"], np.float64) if scheme == "t5" else None
 
     def hand_attend(q, k, v, *_, with_positions=True, **__):
-        q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))  # [B, T, H, D]; k, v [B, S, 1, D]
+        q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))  # [B, T, H, D]; k, v [B, S, K, D]
         if scheme == "rotary" and with_positions:
             q, k = _hand_rotary(q, positions), _hand_rotary(k, positions)
-        k, v = np.repeat(k, 4, axis=-2), np.repeat(v, 4, axis=-2)
+        k, v = np.repeat(k, 4 // k.shape[-2], axis=-2), np.repeat(v, 4 // v.shape[-2], axis=-2)
         scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(8)
         if scheme == "alibi" and with_positions:
             scores = scores - slopes[:, None, None] * distance
