@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 from mingpt_palm import checkpoints, data, evaluate, model, parallel, sampling  # noqa: E402
-from mingpt_palm.config import EvalConfig, ModelConfig, position_scheme, validate_eval  # noqa: E402
+from mingpt_palm.config import EvalConfig, ModelConfig, position_scheme  # noqa: E402
+from mingpt_palm.settings import validate_eval  # noqa: E402
 from mingpt_palm.errors import UserError  # noqa: E402
 from mingpt_palm.experiment import Experiment  # noqa: E402
 from mingpt_palm.logs import Progress, warn  # noqa: E402

@@ -190,7 +190,7 @@ def _bwd_over_fwd(model, params, tokens, z_loss: float, repeats: int = 7):
     that a slow moment of a shared machine falls on both rather than on one of the two."""
     import jax
 
-    from mingpt_palm.model import cross_entropy
+    from mingpt_palm.loss import cross_entropy
 
     def loss(p):
         logits, _ = model.apply({"params": p}, tokens[:, :-1])

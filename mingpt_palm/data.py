@@ -50,7 +50,7 @@ def load_corpus(path_or_name: str, cfg: DataConfig, progress: bool = True, expec
     n = len(data)
     if known is not None and known.split_bytes is not None and sum(known.split_bytes) == n:
         n_train, n_val, _ = known.split_bytes
-    else:  # fractions that add up to less than 1 (config.validate_train) leave n_train > 0
+    else:  # fractions that add up to less than 1 (settings.validate_train) leave n_train > 0
         n_val, n_test = int(n * cfg.val_fraction), int(n * cfg.test_fraction)
         n_train = n - n_val - n_test
     return Corpus(path, known, data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :])

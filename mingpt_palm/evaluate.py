@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mingpt_palm import data, distributed, parallel, sampling
-from mingpt_palm.model import token_nll
+from mingpt_palm.loss import token_nll
 
 
 def make_eval_step(model, context: int | None = None):

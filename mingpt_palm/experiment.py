@@ -65,6 +65,9 @@ class Records:
                if self.history_path.is_file() else "restore it from a backup")
         try:
             cfg = settings.from_json(_read_json(self.config_path, "the run's settings", fix))
+        except settings.OtherFormat as e:
+            raise UserError(f"{self.config_path} cannot be read: {e}; continue or evaluate this experiment with the "
+                            "build that made it, or start a new one") from None
         except ValueError as e:
             raise UserError(f"{self.config_path} is damaged ({e}); it holds the run's settings; {fix}") from None
         started = self.started_config()

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from mingpt_palm import presets
-from mingpt_palm.config import ModelConfig, TrainConfig, validate_train
+from mingpt_palm.config import ModelConfig, TrainConfig
+from mingpt_palm.settings import validate_train
 from mingpt_palm.state import build
 
 

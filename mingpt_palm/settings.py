@@ -9,11 +9,12 @@ its start (its step count from --max-epochs, what `auto` dtypes resolve to, its 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from fractions import Fraction
 from typing import Annotated, Any, Literal
 
-from mingpt_palm.config import STEP_LIMIT, TrainConfig, flatten
+from mingpt_palm.config import EvalConfig, ModelConfig, TrainConfig, flatten, position_scheme
 from mingpt_palm.errors import UserError
 from mingpt_palm.model import compute_dtype
 from mingpt_palm.optim import resolved_warmup
@@ -49,10 +50,100 @@ def differences(saved, given, keep=lambda path: True) -> list[tuple[str, Any, An
     return [(k, a[k], b[k]) for k in a if keep(k) and a[k] != b[k]]
 
 
+# --- what values may be --------------------------------------------------------------------------
+
+SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps only the low 32 bits: larger seeds would collide
+STEP_LIMIT = 2**31 - 1  # the train state's step counter is int32
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
+def require_finite(cfg) -> None:
+    """inf and nan pass every `x > 0` style check that they fail silently later: refuse them first."""
+    for path, value in flatten(cfg).items():
+        if isinstance(value, float):
+            _require(math.isfinite(value), f"{_flag(path)} {value} must be a finite number")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
+        _require(getattr(m, name) >= 1, f"--model.{name.replace('_', '-')} {getattr(m, name)} must be >= 1")
+    if position_scheme(m) == "rotary":
+        _require(m.dim_head % 2 == 0, f"--model.dim-head {m.dim_head} must be even (rotary embeddings rotate pairs)")
+    if position_scheme(m) == "sinusoidal":
+        _require(m.dim % 2 == 0, f"--model.dim {m.dim} must be even (sinusoidal positions pair sines and cosines)")
+    _require(0 <= m.dropout < 1, f"--model.dropout {m.dropout} must be in [0, 1)")
+    _require(m.z_loss >= 0, f"--model.z-loss {m.z_loss} must be >= 0")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Reject nonsensical numbers before anything touches the disk."""
+    require_finite(cfg)
+    validate_model(cfg.model)
+    o = cfg.optim
+    # Adam moves every weight by about the learning rate per step: above 1 a single step rewrites the model.
+    _require(0 < o.learning_rate <= 1, f"--optim.learning-rate {o.learning_rate} must be in (0, 1]")
+    _require(0 <= o.min_lr_ratio <= 1, f"--optim.min-lr-ratio {o.min_lr_ratio} must be in [0, 1]")
+    _require(o.warmup_steps is None or o.warmup_steps >= 0, f"--optim.warmup-steps {o.warmup_steps} must be >= 0")
+    _require(o.weight_decay >= 0, f"--optim.weight-decay {o.weight_decay} must be >= 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"--optim.b1/--optim.b2 ({o.b1}, {o.b2}) must be in [0, 1)")
+    _require(o.eps > 0, f"--optim.eps {o.eps} must be > 0")
+    _require(o.grad_clip >= 0, f"--optim.grad-clip {o.grad_clip} must be >= 0 (0 disables clipping)")
+    d = cfg.data
+    for name in ("val_fraction", "test_fraction"):
+        _require(0 <= getattr(d, name) < 1, f"--data.{name.replace('_', '-')} {getattr(d, name)} must be in [0, 1)")
+    _require(d.val_fraction + d.test_fraction < 1,
+             f"--data.val-fraction {d.val_fraction} + --data.test-fraction {d.test_fraction} leave no training "
+             "data; lower them so that they add up to less than 1")
+    if d.tokenizer == "sentencepiece":
+        _require(d.vocab_size > 257, f"--data.vocab-size {d.vocab_size} must be more than 257 (the 256 byte pieces "
+                                     "and the unknown id are among the pieces)")
+        _require(d.sp_train_bytes >= 1, f"--data.sp-train-bytes {d.sp_train_bytes} must be >= 1")
+    _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
+    _require(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1")
+    _require(1 <= cfg.max_steps <= STEP_LIMIT, f"--max-steps {cfg.max_steps} must be in [1, 2**31 - 1]")
+    _require(cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs {cfg.max_epochs} must be > 0")
+    _require(cfg.restore_step is None or cfg.restore_step >= 1, f"--restore-step {cfg.restore_step} must be >= 1")
+    _require(cfg.init_from is None or cfg.init_from.strip() != "", "--init-from needs the path of an experiment, "
+             "e.g. experiments/X")
+    for name in ("log_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
+                 "distributed_timeout", "peer_timeout", "grad_accum_steps"):
+        _require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    for name in ("eval_interval", "sample_length"):
+        _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
+    _require(cfg.eval_batches >= 1, f"--eval-batches {cfg.eval_batches} must be >= 1")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """The checks that need no experiment; the vocabulary-dependent ones are in sampling."""
+    require_finite(cfg)
+    _require(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1")
+    _require(cfg.checkpoint_step is None or cfg.checkpoint_step >= 1,
+             f"--checkpoint-step {cfg.checkpoint_step} must be >= 1")
+    _require(0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed} must be in [0, 2**32)")
+    _require(cfg.seed + cfg.num_samples - 1 < SEED_LIMIT,
+             f"--seed {cfg.seed} + --num-samples {cfg.num_samples} - 1 must be below 2**32: sample i is drawn with "
+             f"seed --seed + i - 1; use --seed {SEED_LIMIT - cfg.num_samples} or less")
+    _require(cfg.prompt is None or cfg.prompt_file is None, "give either --prompt or --prompt-file, not both")
+    for flag, value in (("--eval-seq-len", cfg.eval_seq_len), ("--stride", cfg.stride)):
+        _require(value is None or value >= 1, f"{flag} {value} must be >= 1")
+
+
 # --- the JSON form --------------------------------------------------------------------------------
 
 def to_json(cfg: TrainConfig) -> dict:
     return {"format": FORMAT, **dataclasses.asdict(cfg)}
+
+
+class OtherFormat(ValueError):
+    """A config written by another build of the project: refused, never half read."""
 
 
 def from_json(d) -> TrainConfig:
@@ -61,8 +152,8 @@ def from_json(d) -> TrainConfig:
     (an earlier build's) says so. A setting that does not define the run may be absent (one added later):
     it takes its default."""
     if isinstance(d, dict) and d.get("format") != FORMAT:
-        raise ValueError(f"it is format {d.get('format')!r}, written by another build of mingpt-palm; this one "
-                         f"reads format {FORMAT}")
+        raise OtherFormat(f"it is format {d.get('format')!r}, written by another build of mingpt-palm; this one "
+                          f"reads format {FORMAT}")
     return _from_dict(TrainConfig, d)
 
 

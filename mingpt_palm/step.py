@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from mingpt_palm import parallel
-from mingpt_palm.model import cross_entropy
+from mingpt_palm.loss import cross_entropy
 from mingpt_palm.state import TrainState, all_finite
 
 # status: what the host reads every step (one small vector from one device); the metrics only on the

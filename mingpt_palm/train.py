@@ -24,7 +24,8 @@ import numpy as np
 
 from mingpt_palm import data, distributed, errors, evaluate, parallel, records, settings, start
 from mingpt_palm.checkpoints import Checkpointer
-from mingpt_palm.config import TrainConfig, validate_train
+from mingpt_palm.config import TrainConfig
+from mingpt_palm.settings import validate_train
 from mingpt_palm.errors import TrainingStopped
 from mingpt_palm.logs import Logger, warn
 from mingpt_palm.step import STATUS, Control, train_step

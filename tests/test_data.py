@@ -5,7 +5,8 @@ import pytest
 
 from mingpt_palm.vocab import Vocab
 from mingpt_palm import data
-from mingpt_palm.config import DataConfig, UserError
+from mingpt_palm.config import DataConfig
+from mingpt_palm.errors import UserError
 
 
 def _corpus(tmp_path, n, **kw):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mingpt_palm import download
-from mingpt_palm.config import UserError
+from mingpt_palm.errors import UserError
 from mingpt_palm.download import CORPORA, Source, resolve_corpus
 
 TEXT = b"<mediawiki>\n" + bytes(range(256)) * 40 + b"the end\n"

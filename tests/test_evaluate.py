@@ -11,7 +11,8 @@ from conftest import TINY, run_cli
 from mingpt_palm.vocab import Vocab
 from mingpt_palm import data, evaluate, parallel
 from mingpt_palm.config import ModelConfig
-from mingpt_palm.model import PaLM, cross_entropy
+from mingpt_palm.loss import cross_entropy
+from mingpt_palm.model import PaLM
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mingpt_palm.config import ModelConfig
-from mingpt_palm.model import VARIANTS, PaLM, cross_entropy, init_cache, kv_heads, relative_positions
+from mingpt_palm.loss import cross_entropy
+from mingpt_palm.model import VARIANTS, PaLM, init_cache, kv_heads, relative_positions
 
 CFG = ModelConfig(seq_len=16, dim=32, depth=2, heads=4, dim_head=8)
 # Every variant, and gpt with sinusoidal positions (the other absolute scheme).

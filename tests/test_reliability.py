@@ -392,11 +392,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
     import jax.numpy as jnp
 
     import train_char
-    from mingpt_palm import data, model
+    from mingpt_palm import data, loss
     from mingpt_palm import step as step_module
 
     poisoned: set[int] = set()
-    real_get_batch, real_cross_entropy = data.get_batch, model.cross_entropy
+    real_get_batch, real_cross_entropy = data.get_batch, loss.cross_entropy
 
     def get_batch(split, seed, step, *args, **kwargs):
         batch = real_get_batch(split, seed, step, *args, **kwargs)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mingpt_palm.vocab import Vocab
-from mingpt_palm.config import ModelConfig, UserError
+from mingpt_palm.config import ModelConfig
+from mingpt_palm.errors import UserError
 from mingpt_palm.model import PaLM
 from mingpt_palm.sampling import check_sampling_args, filter_logits, generate
 
@@ -18,7 +19,7 @@ def trained(cfg, steps=40, lr=1e-2):
     which would let a broken cache pass the equality tests."""
     import optax
 
-    from mingpt_palm.model import cross_entropy
+    from mingpt_palm.loss import cross_entropy
 
     text = np.frombuffer(b"the quick brown fox jumps over the lazy dog; " * 40, np.uint8).astype(np.int32)
     model = PaLM(cfg)
@@ -205,7 +206,6 @@ def _eval_sample(params, capsysbinary, **kwargs):
     """eval_char.sample in process on the byte vocabulary: (stdout, stderr), as bytes (samples may hold
     any byte)."""
     import eval_char
-    from mingpt_palm import data
     from mingpt_palm.config import EvalConfig, TrainConfig
 
     cfg = EvalConfig(experiment_name="e", prompt="To be, or not", sample_steps=20, **kwargs)

@@ -19,7 +19,8 @@ from mingpt_palm import layers
 from mingpt_palm import model as model_lib
 from mingpt_palm import parallel
 from mingpt_palm.config import ModelConfig, OptimizerConfig, TrainConfig
-from mingpt_palm.model import PaLM, cross_entropy, init_cache
+from mingpt_palm.loss import cross_entropy
+from mingpt_palm.model import PaLM, init_cache
 from mingpt_palm.state import build, init_state
 from mingpt_palm.step import Control, accumulated_grads, train_step
 
@@ -95,7 +96,7 @@ def _window_long_and_cached_logits(cfg, params, tokens):
 
 
 def test_cudnn_where_it_cannot_run_is_one_clear_error():
-    from mingpt_palm.config import UserError
+    from mingpt_palm.errors import UserError
 
     if jax.default_backend() == "gpu":
         pytest.skip("on a GPU cuDNN can run")

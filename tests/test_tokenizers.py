@@ -139,7 +139,9 @@ def test_the_cache_of_a_split_is_read_back_and_a_damaged_one_ignored(tmp_path):
 
 
 def test_a_vocab_size_too_small_for_the_text_is_one_clear_error():
-    from mingpt_palm.config import DataConfig, TrainConfig, UserError, validate_train
+    from mingpt_palm.config import DataConfig, TrainConfig
+    from mingpt_palm.errors import UserError
+    from mingpt_palm.settings import validate_train
 
     with pytest.raises(UserError, match=r"--data.vocab-size 200 must be more than 257"):  # before any data is read
         validate_train(TrainConfig(data=DataConfig(tokenizer="sentencepiece", vocab_size=200)))
