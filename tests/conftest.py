@@ -1,8 +1,12 @@
-"""Shared test setup: 4 simulated CPU devices, the real corpora beside the repo, a CLI runner."""
+"""Shared test setup: 4 simulated CPU devices, the suite's own corpora, a CLI runner and an in-process one."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
+import importlib
+import io
 import os
 import shutil
 import signal
@@ -15,9 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-SHAKESPEARE = DATA / "tinyshakespeare.txt"
-WIKI = DATA / "wiki_sample.xml"
+# The suite's corpus, shipped with it (tests/data/README.md), so that it needs nothing beside the checkout;
+# ../shared/data (all of tinyshakespeare, a Wikipedia excerpt) is for the benchmarks only.
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "shakespeare.txt"
 
 # Fail fast instead of hanging if a CPU all-reduce ever gets stuck (docs/design.md, "Platform facts").
 XLA_HANG_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
@@ -78,13 +82,8 @@ def run_cli(script: str, *args, devices: int = 4, cwd=None, timeout: float = 300
 
 
 def need_data(path: Path) -> Path:
-    """The real text beside the repo; under CI (CI=true) its absence fails the test instead of skipping it,
-    so that a broken checkout layout can never turn the parity and reliability tests into silent skips."""
-    if not path.is_file():
-        message = f"needs {path} (shared/data beside the repo)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + "; CI=true, so this fails rather than skips")
-        pytest.skip(message)
+    """The path of a corpus the suite ships (tests/data): a checkout without it is broken, never a skip."""
+    assert path.is_file(), f"{path} is missing: it is part of the test suite (tests/data/README.md)"
     return path
 
 
@@ -93,9 +92,45 @@ def shakespeare() -> Path:
     return need_data(SHAKESPEARE)
 
 
-@pytest.fixture
-def wiki() -> Path:
-    return need_data(WIKI)
+# Words for generated text: ASCII, Latin with diacritics, Greek, Cyrillic, CJK, Hangul and an emoji (1 to 4
+# bytes a character in UTF-8), mixed as a Wikipedia dump mixes them.
+_WORDS = ("the of and in to a is was for on as with by he that at from his it an were are which this be also "
+          "has had first one their its new after who they have her she two been other when there all during into "
+          "school time may years more most only over city some world would where later up such used many can "
+          "state about national out known university united then made king war river game season born "
+          "café naïve Zürich São Paulo Ærø Kraków Ελλάδα Αθήνα Москва Россия 日本 東京 北京 中国 한국 😀").split()
+
+
+@functools.lru_cache(maxsize=None)
+def xml_text(size: int = 400_000, seed: int = 0) -> bytes:
+    """A MediaWiki-export-like XML document of at least `size` bytes, the same bytes for the same arguments:
+    pages of markup (<page>, <title>, <text xml:space="preserve">, [[links]], {{templates}}, bold, &amp;
+    entities) around paragraphs of words in several scripts, lines from a few bytes to ~3.6 KB. The suite's
+    stand-in for enwik8-like text: Wikipedia's own text is CC BY-SA, and the suite ships none of it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    header = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">\n'
+    out, length, page = [header], len(header), 0
+    while length < size:
+        page += 1
+        title = " ".join(rng.choice(_WORDS, rng.integers(1, 4))).title()
+        lines = ["  <page>", f"    <title>{title}</title>", "    <ns>0</ns>", f"    <id>{page}</id>", "    <revision>",
+                 f"      <timestamp>20{rng.integers(3, 17):02d}-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}"
+                 "T12:00:00Z</timestamp>", '      <text xml:space="preserve">{{Infobox ' + title.lower() + "}}"]
+        for _ in range(rng.integers(2, 12)):
+            n = int(rng.choice([3, 12, 40, 120, 600]))  # a heading, short and long paragraphs
+            words = [str(w) for w in rng.choice(_WORDS, n)]
+            for i in rng.integers(0, n, max(1, n // 15)):
+                words[i] = f"[[{words[i]}]]" if rng.random() < 0.6 else f"'''{words[i]}'''"
+            text = " ".join(words)
+            lines += [f"== {text} ==" if n == 3 else f"{text[0].upper()}{text[1:]}. &amp; &lt;ref&gt;", ""]
+        lines += ["[[Category:" + " ".join(rng.choice(_WORDS, 2)).title() + "]]</text>", "    </revision>",
+                  "  </page>"]
+        chunk = "\n".join(lines) + "\n"
+        out.append(chunk)
+        length += len(chunk.encode())
+    return ("".join(out) + "</mediawiki>\n").encode()
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -134,20 +169,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _captured(out, err):
+    """File descriptors 1 and 2, and sys.stdout and sys.stderr over them, into the files out and err, as a
+    pipe takes a CLI's output (C++ logging included); all put back afterwards."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved, streams = {fd: os.dup(fd) for fd in (1, 2)}, (sys.stdout, sys.stderr)
+    try:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
+                                                   encoding="utf-8", errors="surrogateescape", write_through=True)
+                                  for fd in (1, 2))
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = streams
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def call_main(script: str, *args, cwd) -> subprocess.CompletedProcess:
+    """train_char.py or eval_char.py called in this process as its command line calls it: main(), from cwd,
+    with sys.argv. Returns what run_cli returns for a child: a CompletedProcess of the exit code and what it
+    wrote to stdout and stderr (file descriptors included). A refusal or a short run costs a fraction of a
+    second this way, against seconds for a new Python process that imports jax. It shares this process's
+    jax (4 simulated devices) and signal handlers: a test that needs another device count, a signal, or a
+    process of its own (a lock held by a live run) runs the script as a process (run_cli)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    argv, here, previous_argv = [script, *map(str, args)], os.getcwd(), sys.argv
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            os.chdir(cwd)
+            sys.argv = argv
+            with _captured(out, err):
+                try:
+                    code = module.main()
+                except SystemExit as e:  # the argument parser's refusals and --help
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            sys.argv = previous_argv
+            os.chdir(here)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", "surrogateescape"))
+    return subprocess.CompletedProcess(argv, code, *texts)
+
+
+def main_ok(script: str, *args, cwd) -> subprocess.CompletedProcess:
+    """call_main of a run that must succeed (a fixture's training run, say)."""
+    proc = call_main(script, *args, cwd=cwd)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
-def in_process(monkeypatch, capsys):
-    """run(script, *args, cwd=...): train_char.py or eval_char.py called in this process, as its command line
-    would call it: a CompletedProcess of its exit code and what it printed. A refusal or a short run costs a
-    fraction of a second this way, against seconds for a new Python process that imports jax."""
-    import importlib
-
-    def run(script: str, *args, cwd) -> subprocess.CompletedProcess:
-        module = importlib.import_module(script.removesuffix(".py"))
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-        capsys.readouterr()
-        code = module.main()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess([script, *args], code, out, err)
-
-    return run
+def in_process():
+    """run(script, *args, cwd=...) -> CompletedProcess: call_main, for a test (a module-scoped fixture calls
+    call_main or main_ok itself)."""
+    return call_main

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_env
+from conftest import ROOT, SHAKESPEARE, cli_env
 
 
 def run_benchmark(name: str, *args, devices: int, cwd) -> str:
@@ -62,19 +62,19 @@ def test_bench_train(tmp_path):
     assert r["mfu_measured"] == r["achieved_tflops"] / r["peak_measured_tflops"]
 
 
-def test_bench_train_flops_agree_with_xla(tmp_path):
-    """XLA's own count of the compiled step also covers the optimizer, norms, softmax and the rotary
-    matmul: measured 1.1-1.2x the formula. Losing the head (+50%) or double-counting the backward
-    pass lands outside [1.0, 1.5]."""
-    out = run_benchmark("bench_train.py", *TINY_TRAIN, "--no-ratio", devices=1, cwd=tmp_path)
-    assert 1.0 <= number(r"XLA cost analysis of the whole step: .*\(([\d.]+)x the formula\)", out) <= 1.5
-
-
-def test_bench_train_device_sweep(tmp_path):
-    out = run_benchmark("bench_train.py", *TINY_TRAIN, "--no-ratio", "--devices-sweep", 1, 2, devices=1, cwd=tmp_path)
+def test_bench_train_device_sweep_and_flops_agree_with_xla(tmp_path):
+    """One process per device count, and a row for each. Each process prints its own figures, the first
+    (1 device) XLA's own count of the compiled step, which also covers the optimizer, norms, softmax and
+    the rotary matmul: measured 1.1-1.2x the formula. Losing the head (+50%) or double-counting the
+    backward pass lands outside [1.0, 1.5]."""
+    out = run_benchmark("bench_train.py", *TINY_TRAIN, "--no-ratio", "--data", SHAKESPEARE, "--devices-sweep", 1, 2,
+                        devices=1, cwd=tmp_path)
     rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d,]+\s+[\d.]+%$", out, re.M)
     assert rows == ["1", "2"], out
     assert "simulated CPU devices share the same cores" in out
+    assert out.index("devices: 1 x cpu") < out.index("XLA cost analysis of the whole step") < out.index(
+        "devices: 2 x cpu"), out  # the figure below is the 1-device run's
+    assert 1.0 <= number(r"XLA cost analysis of the whole step: .*\(([\d.]+)x the formula\)", out) <= 1.5
 
 
 def test_gpu_suite_runs_its_whole_path(tmp_path):
@@ -142,26 +142,25 @@ def test_bench_loader(tmp_path):
 
 
 def test_family(tmp_path):
-    """Four tiny models through train_char.py and eval_char.py: a row of parameters, tokens/s and bits
-    per byte for each, a number for every window of palm, palm-lite and lamda, eval_char.py's refusal
-    for gpt past its 16 learned positions, and the reports behind the tables (L and S as asked, every
-    val byte but the first scored at each length)."""
+    """Two tiny models through train_char.py and eval_char.py (every variant takes the same path through
+    family.py, at three processes each; the variants themselves are tests/test_variants.py's): a row of
+    parameters, tokens/s and bits per byte for each, a number for every window of palm-lite (ALiBi),
+    eval_char.py's refusal for gpt past its 16 learned positions, and the reports behind the tables (L
+    and S as asked, every val byte but the first scored at each length)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes((b"It was the best of times, it was the worst of times, it was the age of wisdom. " * 300))
-    out = run_benchmark("family.py", "--data", corpus, "--dim", 32, "--depth", 1, "--heads", 2,
-                        "--dim-head", 16, "--seq-len", 16, "--batch", 8, "--steps", 2, "--eval-batch", 8,
+    out = run_benchmark("family.py", "--data", corpus, "--variants", "palm-lite", "gpt", "--dim", 32, "--depth", 1,
+                        "--heads", 2, "--dim-head", 16, "--seq-len", 16, "--batch", 8, "--steps", 2, "--eval-batch", 8,
                         "--stride", 8, "--factors", 1, 2, "--json", tmp_path / "r.json", devices=1, cwd=tmp_path)
     number_cell = r"\d+\.\d{3}"
     assert re.search(rf"^\| palm-lite \(alibi\) \| {number_cell} \| {number_cell} \(\+?-?\d\.\d{{3}}\) \|$", out, re.M), out
-    assert re.search(rf"^\| palm \(rotary\) \| {number_cell} \| {number_cell} ", out, re.M), out
     assert re.search(rf"^\| gpt \(learned\) \| {number_cell} \| refused \|$", out, re.M), out
-    assert re.search(rf"^\| lamda \(t5\) \| {number_cell} \| {number_cell} ", out, re.M), out
-    for variant in ("palm (rotary)", "palm-lite (alibi)", "lamda (t5)", "gpt (learned)"):
+    for variant in ("palm-lite (alibi)", "gpt (learned)"):
         assert re.search(rf"^\| {re.escape(variant)} \| [\d,]+ \| [\d,]+ \| {number_cell} \|$", out, re.M), out
     assert "gpt at 32: error: --eval-seq-len 32: scoring windows longer than seq_len needs a position scheme" in out
     reports = json.loads((tmp_path / "r.json").read_text())["reports"]
-    for variant in ("palm-lite", "palm", "lamda"):
-        for length in (16, 32):
-            r = reports[variant][str(length)]
-            assert (r["eval_seq_len"], r["stride"]) == (length, 8)
-            assert r["bytes_scored"] == r["split_bytes"] - 1 and 0 < r["bits_per_byte"] < 10
+    assert set(reports) == {"palm-lite", "gpt"} and "refused" in reports["gpt"]["32"]
+    for length in (16, 32):
+        r = reports["palm-lite"][str(length)]
+        assert (r["eval_seq_len"], r["stride"]) == (length, 8)
+        assert r["bytes_scored"] == r["split_bytes"] - 1 and 0 < r["bits_per_byte"] < 10

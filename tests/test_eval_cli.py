@@ -1,12 +1,12 @@
-"""eval_char.py through the command line on one small char-vocabulary experiment: sample headers, prompt bytes
-the vocabulary lacks, and an experiment saved with an attention kernel this machine does not have."""
+"""eval_char.py's command line (its main(), in process) on one small char-vocabulary experiment: sample headers,
+prompt bytes the vocabulary lacks, and an experiment saved with an attention kernel this machine does not have."""
 
 import json
 import shutil
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, call_main, main_ok
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,15 @@ def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     corpus = root / "tiny.txt"
     corpus.write_bytes((b"It was the best of times, it was the worst of times. " * 400)[:20_000])
-    run_cli("train_char.py", "--dataset-path", corpus, "--experiments-dir", root, "--experiment-name", "c",
-            *TINY, "--data.tokenizer", "char", "--max-steps", 3, "--eval-interval", 0)
+    main_ok("train_char.py", "--dataset-path", corpus, "--experiments-dir", root, "--experiment-name", "c",
+            *TINY, "--data.tokenizer", "char", "--max-steps", 3, "--eval-interval", 0, cwd=root)
     return root
 
 
 def _eval(root, *args, name="c"):
-    return run_cli("eval_char.py", "--experiments-dir", root, "--experiment-name", name, "--batch-size", 4, *args)
+    """eval_char.py's main() in this process (tests/conftest.py, call_main), as its command line runs it."""
+    return main_ok("eval_char.py", "--experiments-dir", root, "--experiment-name", name, "--batch-size", 4, *args,
+                   cwd=root)
 
 
 def test_sample_headers_show_each_samples_own_seed(experiment):
@@ -32,8 +34,8 @@ def test_sample_headers_show_each_samples_own_seed(experiment):
 
 
 def test_seed_plus_samples_past_the_limit_is_refused(experiment):
-    proc = run_cli("eval_char.py", "--experiments-dir", experiment, "--experiment-name", "c", "--split", "none",
-                   "--seed", 2**32 - 2, "--num-samples", 3, check=False)
+    proc = call_main("eval_char.py", "--experiments-dir", experiment, "--experiment-name", "c", "--split", "none",
+                     "--seed", 2**32 - 2, "--num-samples", 3, cwd=experiment)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --seed 4294967294 + --num-samples 3 - 1 must be below 2**32")
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, call_main, main_ok, run_cli
 from mingpt_palm.vocab import Vocab
 from mingpt_palm import data, evaluate, parallel
 from mingpt_palm.config import ModelConfig
@@ -21,14 +21,18 @@ def experiment(tmp_path_factory):
     corpus = root / "tiny.txt"
     # 20,000 bytes: val and test are 1,000 bytes each, 15.6 windows of 64 (a padded last window)
     corpus.write_bytes((b"It was the best of times, it was the worst of times. " * 400)[:20_000])
-    run_cli("train_char.py", "--dataset-path", corpus, "--experiments-dir", root, "--experiment-name", "e",
-            *TINY, "--max-steps", 10, "--checkpoint-interval", 5, "--eval-interval", 0)
+    main_ok("train_char.py", "--dataset-path", corpus, "--experiments-dir", root, "--experiment-name", "e",
+            *TINY, "--max-steps", 10, "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
     return root
 
 
 def _score(root, *args, devices=4):
-    run_cli("eval_char.py", "--experiments-dir", root, "--experiment-name", "e", "--sample-steps", 0,
-            "--batch-size", 4, *args, devices=devices)
+    """eval_char.py's scoring; in this process (4 devices) unless another device count is asked for."""
+    args = ["--experiments-dir", root, "--experiment-name", "e", "--sample-steps", 0, "--batch-size", 4, *args]
+    if devices == 4:
+        main_ok("eval_char.py", *args, cwd=root)
+    else:
+        run_cli("eval_char.py", *args, devices=devices)
 
 
 def test_split_scoring_counts_every_byte_and_ignores_device_count(experiment):
@@ -303,8 +307,8 @@ def test_cli_overlapping_windows_report(experiment):
 
 
 def _refused(root, name, *args):
-    proc = run_cli("eval_char.py", "--experiments-dir", root, "--experiment-name", name, "--sample-steps", 0,
-                   "--batch-size", 4, *args, check=False)
+    proc = call_main("eval_char.py", "--experiments-dir", root, "--experiment-name", name, "--sample-steps", 0,
+                     "--batch-size", 4, *args, cwd=root)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     return proc.stderr
@@ -326,12 +330,13 @@ def test_cli_refuses_long_windows_for_learned_positions(tmp_path):
     that names the schemes that can, exit 2, no report written."""
     corpus = tmp_path / "tiny.txt"
     corpus.write_bytes((b"It was the best of times, it was the worst of times. " * 400)[:20_000])
-    run_cli("train_char.py", "--dataset-path", corpus, "--experiments-dir", tmp_path, "--experiment-name", "g",
-            *TINY, "--model.variant", "gpt", "--max-steps", 2, "--checkpoint-interval", 2, "--eval-interval", 0)
+    main_ok("train_char.py", "--dataset-path", corpus, "--experiments-dir", tmp_path, "--experiment-name", "g",
+            *TINY, "--model.variant", "gpt", "--max-steps", 2, "--checkpoint-interval", 2, "--eval-interval", 0,
+            cwd=tmp_path)
     line = _refused(tmp_path, "g", "--eval-seq-len", 128)
     assert "scoring windows longer than seq_len needs a position scheme that extends (alibi, t5, rotary)" in line
     assert "this model uses learned positions up to 64" in line
     assert not (tmp_path / "g" / "eval").exists() or not any((tmp_path / "g" / "eval").iterdir())
-    scored = run_cli("eval_char.py", "--experiments-dir", tmp_path, "--experiment-name", "g",
-                           "--sample-steps", 0, "--batch-size", 4, "--eval-seq-len", 64, "--stride", 16)
+    scored = main_ok("eval_char.py", "--experiments-dir", tmp_path, "--experiment-name", "g", "--sample-steps", 0,
+                     "--batch-size", 4, "--eval-seq-len", 64, "--stride", 16, cwd=tmp_path)
     assert "windows of 64 tokens advancing by 16" in scored.stdout

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, need_data, run_cli
+from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, main_ok
 from test_reliability import assert_unchanged, assert_user_error, snapshot, steps_in
 
 
@@ -31,7 +31,7 @@ def in_namespace(setup: str, target, command, extra_env=None) -> subprocess.Comp
 
 
 def train_args(*args):
-    return [sys.executable, str(ROOT / "train_char.py"), "--dataset-path", need_data(SHAKESPEARE), *TINY,
+    return [sys.executable, str(ROOT / "train_char.py"), "--dataset-path", SHAKESPEARE, *TINY,
             "--eval-interval", 0, *args]
 
 
@@ -55,8 +55,8 @@ def test_a_full_disk_stops_with_one_line_naming_the_last_complete_checkpoint(tmp
     assert int(load_state(exp, 5)["step"]) == 5
     assert all(np.isfinite(x).all() for x in leaves(load_state(exp, 5)))
 
-    # Space again (the copy lives on the big disk): the run continues from step 5.
-    resumed = run_cli("train_char.py", "--experiments-dir", out / "experiments", "--experiment-name", "full",
+    # Space again (the copy lives on the big disk): the run continues from step 5 (in this process).
+    resumed = main_ok("train_char.py", "--experiments-dir", out / "experiments", "--experiment-name", "full",
                       "--restore-checkpoint", cwd=tmp_path)
     assert "restored from step 5" in resumed.stdout
     assert "(its save was interrupted)" in resumed.stderr
@@ -67,8 +67,8 @@ def test_a_read_only_experiments_directory(tmp_path):
     """New run and resume refuse with one line and change nothing; evaluation, which only reads, works."""
     root = tmp_path / "ro"
     root.mkdir()
-    run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", root,
-            "--experiment-name", "done", *TINY, "--max-steps", 2, "--eval-interval", 0)
+    main_ok("train_char.py", "--dataset-path", SHAKESPEARE, "--experiments-dir", root, "--experiment-name", "done",
+            *TINY, "--max-steps", 2, "--eval-interval", 0, cwd=tmp_path)
     before = snapshot(root)
     setup = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
     new = in_namespace(setup, root, train_args("--experiments-dir", root, "--experiment-name", "new",
@@ -91,7 +91,7 @@ def test_a_read_only_experiments_directory(tmp_path):
 def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path):
     """A model far too big for memory (a 128 GiB kernel), under an 8 GiB address-space limit so that the
     machine itself is never at risk: XLA's RESOURCE_EXHAUSTED becomes one line naming the size."""
-    shutil.copy(need_data(SHAKESPEARE), tmp_path / "corpus.txt")
+    shutil.copy(SHAKESPEARE, tmp_path / "corpus.txt")
     before = snapshot(tmp_path)
     proc = subprocess.run(["prlimit", f"--as={8 << 30}", sys.executable, str(ROOT / "train_char.py"),
                            "--dataset-path", "corpus.txt", "--experiment-name", "huge", *map(str, TINY),
@@ -105,7 +105,7 @@ def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path):
 def test_a_run_that_fails_at_its_first_step_leaves_no_directory(tmp_path):
     """Out of memory in the first step (~514 GiB of attention scores at block size 32768), after the
     experiment directory was made: it is removed again, so the name is free for the next command."""
-    shutil.copy(need_data(SHAKESPEARE), tmp_path / "corpus.txt")
+    shutil.copy(SHAKESPEARE, tmp_path / "corpus.txt")
     args = ["--dataset-path", "corpus.txt", "--experiment-name", "first", *TINY, "--max-steps", 2, "--eval-interval", 0]
     proc = subprocess.run(["prlimit", f"--as={8 << 30}", sys.executable, str(ROOT / "train_char.py"),
                            *map(str, args), "--block-size", "32768", "--model.depth", "1"],
@@ -115,7 +115,7 @@ def test_a_run_that_fails_at_its_first_step_leaves_no_directory(tmp_path):
     # Several hundred GiB: the attention scores or probabilities of the first step, not something small.
     assert float(re.search(r"allocate ([\d,.]+) GiB", line).group(1).replace(",", "")) > 100, line
     assert not (tmp_path / "experiments" / "first").exists()
-    run_cli("train_char.py", *args, cwd=tmp_path, devices=1)  # the same name just works now
+    main_ok("train_char.py", *args, cwd=tmp_path)  # the same name just works now
 
 
 def test_only_orbax_s_echoes_of_an_abandoned_save_are_dropped_from_stderr():

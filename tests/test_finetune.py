@@ -10,19 +10,19 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, TINY, load_state, need_data, run_cli
+from conftest import SHAKESPEARE, TINY, call_main, load_state, main_ok
 from test_reliability import assert_unchanged, assert_user_error, snapshot
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """experiments/X: 4 steps of the TINY model with a char vocabulary on a copy of tinyshakespeare. Its seed
+    """experiments/X: 4 steps of the TINY model with a char vocabulary on a copy of the Shakespeare fixture. Its seed
     is not the default, so that parameters initialised afresh by a run started from it (seed 0) are far
     from X's, not X's minus 4 small steps."""
     root = tmp_path_factory.mktemp("finetune")
-    shutil.copy(need_data(SHAKESPEARE), root / "corpus.txt")
-    run_cli("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "X", "--data.tokenizer", "char", *TINY,
-            "--max-steps", 4, "--checkpoint-interval", 4, "--eval-interval", 0, "--seed", 1, cwd=root)
+    shutil.copy(SHAKESPEARE, root / "corpus.txt")
+    main_ok("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "X", "--data.tokenizer", "char",
+            *TINY, "--max-steps", 4, "--checkpoint-interval", 4, "--eval-interval", 0, "--seed", 1, cwd=root)
     return root
 
 
@@ -37,7 +37,7 @@ def lr_of_first_update() -> float:
 
 
 def test_starts_from_the_source_parameters_with_a_fresh_optimizer(source):
-    proc = run_cli("train_char.py", "--init-from", "experiments/X", "--experiment-name", "Y", *TINY, "--max-steps", 1,
+    proc = main_ok("train_char.py", "--init-from", "experiments/X", "--experiment-name", "Y", *TINY, "--max-steps", 1,
                    "--eval-interval", 0, cwd=source)
     assert "init: parameters from experiments/X step 4 (step 0 here, fresh optimizer and schedule)" in proc.stdout
     assert "experiment: experiments/Y (new); steps 0 -> 1" in proc.stdout
@@ -80,7 +80,7 @@ def test_another_corpus_maps_bytes_outside_the_vocabulary_to_unknown(source, tmp
     assert outside > 0
     shutil.copytree(source / "experiments", tmp_path / "experiments")
     # dropout is one of the settings a fine-tuning run may change.
-    proc = run_cli("train_char.py", "--init-from", "experiments/X", "--experiment-name", "Z", "--dataset-path",
+    proc = main_ok("train_char.py", "--init-from", "experiments/X", "--experiment-name", "Z", "--dataset-path",
                    "other.txt", *TINY, "--model.dropout", 0.1, "--max-steps", 2, "--eval-interval", 0, cwd=tmp_path)
     assert (f"{outside:,} of this corpus's {len(text):,} bytes ({100 * outside / len(text):.2f}%) are outside it and "
             "become the unknown id") in proc.stdout
@@ -89,7 +89,7 @@ def test_another_corpus_maps_bytes_outside_the_vocabulary_to_unknown(source, tmp
     assert (exp / "vocab.json").read_text() == (tmp_path / "experiments" / "X" / "vocab.json").read_text()
     assert json.loads((exp / "config.json").read_text())["model"]["dropout"] == 0.1
     # Continuing a fine-tuned experiment is an ordinary resume: it does not start from X again.
-    proc = run_cli("train_char.py", "--experiment-name", "Z", "--restore-checkpoint", "--max-steps", 3, cwd=tmp_path)
+    proc = main_ok("train_char.py", "--experiment-name", "Z", "--restore-checkpoint", "--max-steps", 3, cwd=tmp_path)
     assert "restored from step 2" in proc.stdout and "init:" not in proc.stdout
 
 
@@ -111,6 +111,6 @@ def test_refusals_change_nothing(source, tmp_path, args, fragments):
     shutil.copy(source / "corpus.txt", tmp_path / "corpus.txt")
     before = snapshot(tmp_path)
     name = [] if "--experiment-name" in args else ["--experiment-name", "new"]
-    proc = run_cli("train_char.py", *TINY, "--max-steps", 2, *name, *args, cwd=tmp_path, check=False)
+    proc = call_main("train_char.py", *TINY, "--max-steps", 2, *name, *args, cwd=tmp_path)
     assert_user_error(proc, *fragments)
     assert_unchanged(before, snapshot(tmp_path))

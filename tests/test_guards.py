@@ -12,16 +12,16 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, need_data, run_cli
+from conftest import ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok
 from test_reliability import assert_unchanged, assert_user_error, snapshot, steps_in
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """experiments/base trained on a private copy of tinyshakespeare (checkpoints 5 and 10)."""
+    """experiments/base trained on a private copy of the Shakespeare fixture (checkpoints 5 and 10)."""
     root = tmp_path_factory.mktemp("guards")
-    shutil.copy(need_data(SHAKESPEARE), root / "corpus.txt")
-    run_cli("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "base", *TINY, "--max-steps", 10,
+    shutil.copy(SHAKESPEARE, root / "corpus.txt")
+    main_ok("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "base", *TINY, "--max-steps", 10,
             "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
     return root
 
@@ -65,7 +65,7 @@ def test_a_damaged_config_json_is_named_not_the_checkpoints(base, tmp_path, how,
     exp = work_copy(base, tmp_path)
     _damage_config(exp, how)
     before = snapshot(tmp_path)
-    proc = run_cli(*script, cwd=tmp_path, check=False)
+    proc = call_main(*script, cwd=tmp_path)
     line = assert_user_error(proc, fragment, "the first record of history.jsonl there holds the settings")
     assert "unreadable" not in proc.stderr, line
     assert_unchanged(before, snapshot(tmp_path))
@@ -83,7 +83,7 @@ def test_a_missing_or_inconsistent_vocab_json(base, tmp_path, how, fragment, scr
     else:
         (exp / "vocab.json").write_text(json.dumps({"kind": "char", "symbols": [97, 98]}))
     before = snapshot(tmp_path)
-    assert_user_error(run_cli(*script, cwd=tmp_path, check=False), fragment)
+    assert_user_error(call_main(*script, cwd=tmp_path), fragment)
     assert_unchanged(before, snapshot(tmp_path))
 
 
@@ -96,12 +96,12 @@ def test_a_changed_or_vanished_corpus_stops_resume_and_eval(base, tmp_path, how,
         data = bytearray(corpus.read_bytes())
         data[1000] ^= 1  # one bit: the size alone would not tell
         corpus.write_bytes(bytes(data))
-        fragment = f"the corpus experiments/base was trained on has changed: {corpus} is now 1,115,394 bytes"
+        fragment = f"the corpus experiments/base was trained on has changed: {corpus} is now 99,843 bytes"
     else:
         corpus.unlink()
         fragment = f"the corpus experiments/base was trained on is gone: {corpus} is not a file any more"
     before = snapshot(tmp_path)
-    assert_user_error(run_cli(*script, cwd=tmp_path, check=False), fragment)
+    assert_user_error(call_main(*script, cwd=tmp_path), fragment)
     assert_unchanged(before, snapshot(tmp_path))
 
 
@@ -126,7 +126,9 @@ def _wait_for(predicate, proc, timeout=180):
 def test_a_live_run_locks_its_experiment(base, tmp_path):
     """While a run trains: a second run and a resume are refused naming it, and neither touches its files
     (the resume used to delete its save in progress); eval reads the newest complete checkpoint without
-    calling the save in progress interrupted. Once the run is killed its lock no longer blocks."""
+    calling the save in progress interrupted. Once the run is killed its lock no longer blocks. The live
+    run is a process of its own (the lock is a process's); the others run in this one, as another process
+    would, since a flock taken through another open file is refused within one process too."""
     work_copy(base, tmp_path)
     ckpt = tmp_path / "experiments" / "base" / "checkpoints"
     live = _background(tmp_path, "--experiment-name", "base", "--restore-checkpoint", "--max-steps", 100_000,
@@ -134,12 +136,12 @@ def test_a_live_run_locks_its_experiment(base, tmp_path):
     try:
         _wait_for(lambda: max(steps_in(ckpt)) >= 13, live)
         holder = f"pid {live.pid} on host "
-        second = run_cli("train_char.py", "--dataset-path", "corpus.txt", *TINY, "--experiment-name", "base",
-                         cwd=tmp_path, check=False)
+        second = call_main("train_char.py", "--dataset-path", "corpus.txt", *TINY, "--experiment-name", "base",
+                           cwd=tmp_path)
         assert_user_error(second, "experiments/base already exists and a training run is using it", holder)
-        resume = run_cli(*RESUME[:-1], 100_000, cwd=tmp_path, check=False)
+        resume = call_main(*RESUME[:-1], 100_000, cwd=tmp_path)
         assert_user_error(resume, "experiment experiments/base is in use by another training run", holder)
-        ev = run_cli(*EVAL, "--split", "none", cwd=tmp_path)
+        ev = main_ok(*EVAL, "--split", "none", cwd=tmp_path)
         assert f"a training run is using experiments/base ({holder}" in ev.stderr
         assert "interrupted" not in ev.stderr
         assert live.poll() is None  # the live run never noticed
@@ -148,7 +150,7 @@ def test_a_live_run_locks_its_experiment(base, tmp_path):
     finally:
         live.kill()  # SIGKILL: the lock must go with the process
         live.wait(timeout=60)
-    proc = run_cli(*RESUME[:-1], max(steps_in(ckpt)) + 2, cwd=tmp_path)
+    proc = main_ok(*RESUME[:-1], max(steps_in(ckpt)) + 2, cwd=tmp_path)
     assert "restored from step" in proc.stdout
 
 
@@ -260,7 +262,7 @@ def test_a_nan_streak_never_rotates_away_the_last_good_parameters(tmp_path, monk
         return lambda count: jnp.where(count >= 10, jnp.inf, base(count))
 
     monkeypatch.setattr(optim, "lr_schedule", exploding)
-    monkeypatch.setattr(sys, "argv", ["train_char.py", "--dataset-path", str(need_data(SHAKESPEARE)),
+    monkeypatch.setattr(sys, "argv", ["train_char.py", "--dataset-path", str(SHAKESPEARE),
                                       "--experiments-dir", str(tmp_path), "--experiment-name", "nan", *map(str, TINY),
                                       "--max-steps", "40", "--checkpoint-interval", "2", "--keep-checkpoints", "3",
                                       "--eval-interval", "0", "--max-nonfinite-steps", "7"])

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, read_scalars, run_cli
+from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, main_ok, read_scalars
+from mingpt_palm.config import TrainConfig
 
 LOGGED = ("train/loss", "train/grad_norm", "train/learning_rate")
 
@@ -36,9 +37,30 @@ def finish(procs, timeout=300):
                 p.wait()
 
 
+# A job's settings for the tests below (gradient clipping at its default, 1.0): a checkpoint every 5 steps.
+TWO = [*TINY, "--max-steps", 20, "--checkpoint-interval", 5, "--keep-checkpoints", 10, "--eval-interval", 0,
+       "--log-interval", 1, "--peer-timeout", 5]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """experiments/ref: 20 uninterrupted steps of a two-process job (2 x 2 devices) with TWO, and what its two
+    processes printed: the job the parity test compares with one process, and the one a killed and resumed
+    job must end bit for bit where it did."""
+    from conftest import SHAKESPEARE
+
+    root = tmp_path_factory.mktemp("two")
+    args = ["--dataset-path", SHAKESPEARE, "--experiments-dir", root, *TWO, "--experiment-name", "ref"]
+    procs = start_job([args, args])
+    outs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return root / "ref", outs
+
+
 @pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clip", "noclip"])
-def test_two_processes_train_like_one(shakespeare, tmp_path, clip):
-    """2 processes x 2 devices == 1 process x 4 devices for the same global batch (10 steps).
+def test_two_processes_train_like_one(shakespeare, tmp_path, reference, clip):
+    """2 processes x 2 devices == 1 process x 4 devices for the same global batch (20 steps; with clipping,
+    the reference job itself, and without it a job that also validates every 5 steps).
 
     Each process feeds its own half of every global batch and the gradients are averaged over all 4
     devices, so only the order of float additions differs: parameters and Adam moments agree to 2e-5
@@ -46,30 +68,34 @@ def test_two_processes_train_like_one(shakespeare, tmp_path, clip):
     the pmean scales gradients by 4: Adam's update barely changes (it is scale-invariant), but its
     moments and the logged norm do, with clipping on or off; a wrong data split moves the losses.
     """
-    args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", 10,
-            "--checkpoint-interval", 5, "--eval-interval", 5, "--eval-batches", 2, "--log-interval", 1,
-            "--optim.grad-clip", clip]
-    outs = finish(start_job([[*args, "--experiment-name", "two"]] * 2))
+    args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TWO]
+    if clip:
+        assert TrainConfig().optim.grad_clip == clip  # what the reference job ran with
+        two_dir, outs = reference
+    else:
+        args += ["--optim.grad-clip", clip, "--eval-interval", 5, "--eval-batches", 2]  # the later flag wins
+        outs = finish(start_job([[*args, "--experiment-name", "two"]] * 2))
+        two_dir = tmp_path / "two"
     assert "4 x cpu (2 process(es))" in outs[0][0], outs
     # Only process 0 speaks; process 1 says nothing unless something goes wrong. gloo, the CPU collectives
     # library, announces its connections on stdout itself: those lines are filtered out (distributed.py).
-    assert "step 10/10:" in outs[0][0] and "[Gloo]" not in outs[0][0] and "peer ranks" not in outs[0][0]
+    assert "step 20/20:" in outs[0][0] and "[Gloo]" not in outs[0][0] and "peer ranks" not in outs[0][0]
     assert outs[1][0] == "", outs[1]
     assert "error" not in outs[0][1] + outs[1][1], outs
 
-    run_cli("train_char.py", *args, "--experiment-name", "one", devices=4)
-    for step in (5, 10):
-        two, one = load_state(tmp_path / "two", step), load_state(tmp_path / "one", step)
+    main_ok("train_char.py", *args, "--experiment-name", "one", cwd=tmp_path)  # in this process, on its 4 devices
+    for step in (5, 10, 15, 20):
+        two, one = load_state(two_dir, step), load_state(tmp_path / "one", step)
         for a, b in zip(leaves((two["params"], two["opt_state"])), leaves((one["params"], one["opt_state"])),
                         strict=True):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
-    two, one = read_scalars(tmp_path / "two" / "tb"), read_scalars(tmp_path / "one" / "tb")
+    two, one = read_scalars(two_dir / "tb"), read_scalars(tmp_path / "one" / "tb")
     for tag in LOGGED:
-        assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == list(range(1, 11)), tag
+        assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == list(range(1, 21)), tag
         np.testing.assert_allclose([v for _, v in two[tag]], [v for _, v in one[tag]], rtol=1e-4, err_msg=tag)
-    # validation covers the windows of both processes, so it matches the single process too
-    assert [s for s, _ in two["val/loss"]] == [s for s, _ in one["val/loss"]] == [5, 10]
-    np.testing.assert_allclose([v for _, v in two["val/loss"]], [v for _, v in one["val/loss"]], rtol=1e-5)
+    if not clip:  # validation covers the windows of both processes, so it matches the single process too
+        assert [s for s, _ in two["val/loss"]] == [s for s, _ in one["val/loss"]] == [5, 10, 15, 20]
+        np.testing.assert_allclose([v for _, v in two["val/loss"]], [v for _, v in one["val/loss"]], rtol=1e-5)
 
 
 def test_processes_with_different_settings_stop_before_step_one(shakespeare, tmp_path):
@@ -127,23 +153,6 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(shakespeare, tmp
 
 # --- resume, and a process that dies --------------------------------------------------------------
 
-TWO = [*TINY, "--max-steps", 40, "--checkpoint-interval", 10, "--keep-checkpoints", 10, "--eval-interval", 0,
-       "--log-interval", 1, "--peer-timeout", 5]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """experiments/ref: 40 uninterrupted steps of a two-process job (2 x 2 devices)."""
-    from conftest import SHAKESPEARE, need_data
-
-    root = tmp_path_factory.mktemp("two")
-    args = ["--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", root, *TWO, "--experiment-name", "ref"]
-    procs = start_job([args, args])
-    outs = finish(procs)
-    assert [p.returncode for p in procs] == [0, 0], outs
-    return root / "ref"
-
-
 def steps_in(ckpt) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
@@ -192,16 +201,16 @@ def test_a_dead_coordinator_is_named_and_the_job_resumes_bit_exact(shakespeare, 
     procs = start_job([[*resume, "--restore-checkpoint"]] * 2)
     outs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert f"(restored from step {saved}); steps {saved} -> 40" in outs[0][0]
-    assert_same_state(load_state(reference, 40), load_state(exp, 40))
+    assert f"(restored from step {saved}); steps {saved} -> 20" in outs[0][0]
+    assert_same_state(load_state(reference[0], 20), load_state(exp, 20))
 
-    procs = start_job([[*resume, "--restore-step", 10]] * 2)
+    procs = start_job([[*resume, "--restore-step", 5]] * 2)
     outs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert "(restored from step 10); steps 10 -> 40" in outs[0][0]
-    assert steps_in(exp / "checkpoints") == [10, 20, 30, 40]  # saved anew on every process: none skipped
-    assert sorted(p.name.split("_")[0] for p in (exp / "superseded_checkpoints").iterdir()) == ["20", "30", "40"]
-    assert_same_state(load_state(reference, 40), load_state(exp, 40))
+    assert "(restored from step 5); steps 5 -> 20" in outs[0][0]
+    assert steps_in(exp / "checkpoints") == [5, 10, 15, 20]  # saved anew on every process: none skipped
+    assert sorted(p.name.split("_")[0] for p in (exp / "superseded_checkpoints").iterdir()) == ["10", "15", "20"]
+    assert_same_state(load_state(reference[0], 20), load_state(exp, 20))
 
 
 def test_a_dead_process_is_named_by_the_others(shakespeare, tmp_path):

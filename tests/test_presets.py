@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, call_main, main_ok
 from test_reliability import assert_unchanged, assert_user_error, snapshot
 
 from mingpt_palm.presets import PRESETS
@@ -35,9 +35,10 @@ def figures(out: str) -> dict:
 
 
 def check_printout(name: str, cwd) -> dict:
-    """Run the dry run of a preset; check what must hold of its figures, and that it wrote nothing."""
+    """Run the dry run of a preset (main() of train_char.py, in process: it never touches a device); check
+    what must hold of its figures, and that it wrote nothing."""
     before = snapshot(cwd)
-    out = run_cli("train_char.py", "--preset", name, "--print-params", cwd=cwd, devices=1).stdout
+    out = main_ok("train_char.py", "--preset", name, "--print-params", cwd=cwd).stdout
     assert_unchanged(before, snapshot(cwd))  # a dry run: no experiments/, no datasets/
     m = PRESETS[name].model
     f = figures(out)
@@ -66,7 +67,7 @@ def test_every_preset_prints_its_sizes_and_writes_nothing(name, tmp_path):
 
 def test_palm_540b_count_from_shapes_alone(tmp_path):
     """The issue's bar: 540B within 1% of the paper's 540.35B. Allocating it would take 2 TB of float32
-    (this process would be killed long before); the count comes from jax.eval_shape in seconds."""
+    (the run would be killed long before); the count comes from jax.eval_shape in seconds."""
     f = check_printout("palm-540b", tmp_path)
     assert abs(f["params"] - 540.35e9) / 540.35e9 < 0.01
     assert "(540.36B); reported: 540.35B (+0.00%)" in f["out"]
@@ -74,16 +75,15 @@ def test_palm_540b_count_from_shapes_alone(tmp_path):
 
 
 def test_a_flag_beside_a_preset_wins(tmp_path):
-    out = run_cli("train_char.py", "--preset", "palm-8b", "--model.depth", 2, "--block-size", 128, "--print-params",
-                  cwd=tmp_path, devices=1).stdout
+    out = main_ok("train_char.py", "--preset", "palm-8b", "--model.depth", 2, "--block-size", 128, "--print-params",
+                  cwd=tmp_path).stdout
     assert "depth 2," in out and "seq_len 128," in out and "dim 4,096," in out
     assert figures(out)["params"] == palm_params(4096, 2, 16, 256, 4, 256_000)
     assert "reported:" not in out  # no longer the paper's model: nothing to compare with
 
 
 def test_without_a_preset_the_vocabulary_is_the_default_and_said_so(tmp_path):
-    out = run_cli("train_char.py", "--model.dim", 64, "--model.depth", 2, "--print-params", cwd=tmp_path,
-                  devices=1).stdout
+    out = main_ok("train_char.py", "--model.dim", 64, "--model.depth", 2, "--print-params", cwd=tmp_path).stdout
     assert "vocabulary 256 tokens (the byte tokenizer's; a run sets it from its corpus)" in out
     assert figures(out)["params"] == palm_params(64, 2, 8, 64, 4, 256)
     assert list(tmp_path.iterdir()) == []
@@ -96,18 +96,18 @@ def test_a_preset_is_the_default_of_a_real_run_and_of_its_restarts(shakespeare, 
     model than the experiment's is refused, changing nothing."""
     command = ["--dataset-path", shakespeare, "--experiment-name", "g", "--preset", "gpt2-small", *TINY,
                "--eval-interval", 0, "--restore-checkpoint"]
-    first = run_cli("train_char.py", *command, "--max-steps", 1, cwd=tmp_path)
+    first = main_ok("train_char.py", *command, "--max-steps", 1, cwd=tmp_path)
     assert "experiment: experiments/g (new); steps 0 -> 1" in first.stdout
     config = json.loads((tmp_path / "experiments" / "g" / "config.json").read_text())
     assert config["preset"] == "gpt2-small"
     assert {k: config["model"][k] for k in ("variant", "dim", "depth", "heads", "dim_head", "seq_len", "num_tokens")} \
         == {"variant": "gpt", "dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "seq_len": 64, "num_tokens": 256}
-    again = run_cli("train_char.py", *command, "--max-steps", 2, cwd=tmp_path)
+    again = main_ok("train_char.py", *command, "--max-steps", 2, cwd=tmp_path)
     assert "experiment: experiments/g (restored from step 1); steps 1 -> 2" in again.stdout
 
     before = snapshot(tmp_path)
-    proc = run_cli("train_char.py", "--experiment-name", "g", "--restore-checkpoint", "--preset", "palm-8b",
-                   "--max-steps", 3, cwd=tmp_path, check=False)
+    proc = call_main("train_char.py", "--experiment-name", "g", "--restore-checkpoint", "--preset", "palm-8b",
+                     "--max-steps", 3, cwd=tmp_path)
     assert_user_error(proc, "--preset palm-8b describes another model than the experiment was started with",
                       "model.variant 'palm' (saved: 'gpt')", "leave out --preset")
     assert_unchanged(before, snapshot(tmp_path))

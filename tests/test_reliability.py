@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, need_data, read_scalars, run_cli
+from conftest import ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok, read_scalars, run_cli
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -140,7 +140,7 @@ def test_sigkill_after_an_observed_step_then_resume_is_bit_exact(shakespeare, tm
     steps, every = 150, 10
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TINY, "--max-steps", steps,
             "--checkpoint-interval", every, "--log-interval", 1, "--eval-interval", 0, "--keep-checkpoints", 100]
-    run_cli("train_char.py", *args, "--experiment-name", "ref", cwd=tmp_path)
+    main_ok("train_char.py", *args, "--experiment-name", "ref", cwd=tmp_path)  # uninterrupted: in process
 
     # "Any moment after the first checkpoint": a step chosen at random, killed as soon as its line is printed
     # (between checkpoints, or while one is being written) once the first checkpoint is complete on disk
@@ -157,7 +157,7 @@ def test_sigkill_after_an_observed_step_then_resume_is_bit_exact(shakespeare, tm
     saved = steps_in(tmp_path / "cut" / "checkpoints")
     assert saved and every <= saved[-1] <= target + every and saved[-1] < steps, (saved, context)
 
-    resumed = run_cli("train_char.py", "--experiments-dir", tmp_path, "--experiment-name", "cut",
+    resumed = main_ok("train_char.py", "--experiments-dir", tmp_path, "--experiment-name", "cut",
                       "--restore-checkpoint", cwd=tmp_path)
     assert f"restored from step {saved[-1]}" in resumed.stdout, context
 
@@ -202,7 +202,7 @@ def test_killed_during_a_checkpoint_save_restarts_from_the_last_complete_one(sha
         pytest.fail("never managed to kill a run in the middle of a save in 6 attempts")
 
     complete = steps_in(ckpt)[-1]
-    resumed = run_cli("train_char.py", *args, "--max-steps", complete + 2, "--experiment-name", name,
+    resumed = main_ok("train_char.py", *args, "--max-steps", complete + 2, "--experiment-name", name,
                       "--restore-checkpoint", cwd=tmp_path)
     assert f"warning: ignoring incomplete checkpoint {ckpt / partial[0]} (its save was interrupted)" in resumed.stderr
     assert f"restored from step {complete}" in resumed.stdout
@@ -236,9 +236,7 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(sig, shakespeare,
     # The printed command continues the run (shortened here with a later --max-steps, which wins).
     command = shlex.split(stderr.split("Resume with:\n", 1)[1].splitlines()[0])
     assert command[:2] == ["python", "train_char.py"] and command[-1] == "--restore-checkpoint"
-    resumed = subprocess.run([sys.executable, str(ROOT / "train_char.py"), *command[2:], "--max-steps",
-                              str(stopped + 2)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = call_main("train_char.py", *command[2:], "--max-steps", stopped + 2, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"restored from step {stopped}" in resumed.stdout
     assert steps_in(exp / "checkpoints") == [stopped, stopped + 2]  # --keep-checkpoints 2
@@ -333,14 +331,13 @@ def test_ctrl_c_before_training_starts_is_one_line(shakespeare, tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def wiki_experiment(tmp_path_factory) -> Path:
-    """A tiny model trained for one step on the Wikipedia sample: its 304 KB validation split makes a
-    whole-split scoring long enough to interrupt."""
-    from conftest import WIKI
-
-    root = tmp_path_factory.mktemp("wiki")
-    run_cli("train_char.py", "--dataset-path", need_data(WIKI), "--experiment-name", "w", *TINY, "--max-steps", 1,
-            "--eval-interval", 0, cwd=root)
+def long_val_experiment(tmp_path_factory) -> Path:
+    """A tiny model trained for one step on 6 copies of the Shakespeare fixture with half of them held out
+    for validation: its 300 KB validation split makes a whole-split scoring long enough to interrupt."""
+    root = tmp_path_factory.mktemp("longval")
+    (root / "corpus.txt").write_bytes(SHAKESPEARE.read_bytes() * 6)
+    main_ok("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "w", *TINY, "--max-steps", 1,
+            "--eval-interval", 0, "--data.val-fraction", 0.5, cwd=root)
     return root
 
 
@@ -348,12 +345,12 @@ def wiki_experiment(tmp_path_factory) -> Path:
     ("generating", ["--split", "none", "--sample-steps", 400_000]),
     ("scoring", ["--sample-steps", 0, "--batch-size", 4]),
 ])
-def test_ctrl_c_stops_eval_at_once(wiki_experiment, work, args):
+def test_ctrl_c_stops_eval_at_once(long_val_experiment, work, args):
     """A long generation used to ignore Ctrl-C until it finished (the main thread waits inside XLA)."""
-    out, err = wiki_experiment / "eval.stdout", wiki_experiment / "eval.stderr"
+    out, err = long_val_experiment / "eval.stdout", long_val_experiment / "eval.stderr"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen([sys.executable, str(ROOT / "eval_char.py"), "--experiment-name", "w", *map(str, args)],
-                                cwd=wiki_experiment, env=cli_env(devices=1), stdout=o, stderr=e)
+                                cwd=long_val_experiment, env=cli_env(devices=1), stdout=o, stderr=e)
     _started.append(proc)
     wait_until(lambda: "checkpoint step 1" in err.read_text(), proc)
     time.sleep(1.5)  # compiled and busy by now
@@ -368,19 +365,19 @@ def test_ctrl_c_stops_eval_at_once(wiki_experiment, work, args):
     assert [line for line in stderr.splitlines() if line.startswith("error: ")] == [
         "error: interrupted by Ctrl-C; nothing was written"]
     assert "=== sample" not in out.read_text()
-    assert not (wiki_experiment / "experiments" / "w" / "eval" / "val.json").exists()
+    assert not (long_val_experiment / "experiments" / "w" / "eval" / "val.json").exists()
 
 
 # --- non-finite steps (in process: a poisoned batch makes the loss NaN) ----------------------------
 
-def test_ctrl_c_in_evals_first_second_ends_it_cleanly(wiki_experiment):
+def test_ctrl_c_in_evals_first_second_ends_it_cleanly(long_val_experiment):
     # As for training (above); a lost Ctrl-C would leave this generation running past the wait.
-    out, err = wiki_experiment / "early.stdout", wiki_experiment / "early.stderr"
+    out, err = long_val_experiment / "early.stdout", long_val_experiment / "early.stderr"
     for delay in (0.1, 0.7, 1.3):
         with open(out, "w") as o, open(err, "w") as e:
             proc = subprocess.Popen([sys.executable, str(ROOT / "eval_char.py"), "--experiment-name", "w", "--split",
-                                     "none", "--sample-steps", "400000"], cwd=wiki_experiment, env=cli_env(devices=1),
-                                    stdout=o, stderr=e)
+                                     "none", "--sample-steps", "400000"], cwd=long_val_experiment,
+                                    env=cli_env(devices=1), stdout=o, stderr=e)
         _started.append(proc)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -452,9 +449,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shakespeare, tmp_p
 def trained(tmp_path_factory) -> Path:
     """A working directory with experiments/base (checkpoints 5 and 10), an experiment without
     checkpoints, a few bad corpora and a directory; read-only for the tests that use it."""
-    need_data(SHAKESPEARE)
     root = tmp_path_factory.mktemp("work")
-    run_cli("train_char.py", "--dataset-path", SHAKESPEARE, "--experiment-name", "base", *TINY, "--max-steps", 10,
+    main_ok("train_char.py", "--dataset-path", SHAKESPEARE, "--experiment-name", "base", *TINY, "--max-steps", 10,
             "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
     bare = root / "experiments" / "bare"  # as a run killed before its first save leaves it
     bare.mkdir()
@@ -467,7 +463,7 @@ def trained(tmp_path_factory) -> Path:
     os.mkfifo(root / "fifo")
     (root / "experiments" / "stray.txt").write_text("not an experiment")
     # Trained with a test split (5% of 992 bytes) too small for one window.
-    run_cli("train_char.py", "--dataset-path", "smallval.txt", "--experiment-name", "small", *TINY, "--max-steps", 1,
+    main_ok("train_char.py", "--dataset-path", "smallval.txt", "--experiment-name", "small", *TINY, "--max-steps", 1,
             "--eval-interval", 0, "--data.val-fraction", 0.1, cwd=root)
     return root
 
@@ -487,13 +483,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
     truncate_files(exp / "checkpoints" / "10")
 
     before = snapshot(tmp_path)
-    ev = run_cli("eval_char.py", "--experiment-name", "base", "--split", "none", "--sample-steps", 3, cwd=tmp_path)
+    ev = main_ok("eval_char.py", "--experiment-name", "base", "--split", "none", "--sample-steps", 3, cwd=tmp_path)
     assert "warning: checkpoint step 10 is unreadable" in ev.stderr
     assert "warning: restored step 5 instead of the newer, damaged checkpoint(s)" in ev.stderr
     assert "checkpoint step 5" in ev.stderr
     assert_unchanged(before, snapshot(tmp_path))  # evaluation only reads
 
-    tr = run_cli("train_char.py", *RESTORE_BASE, "--max-steps", 12, cwd=tmp_path)
+    tr = main_ok("train_char.py", *RESTORE_BASE, "--max-steps", 12, cwd=tmp_path)
     assert "warning: checkpoint step 10 is unreadable" in tr.stderr
     assert "restored from step 5" in tr.stdout
     # Set aside, not deleted, so that the new step 10 can be saved in its place.
@@ -510,10 +506,9 @@ def test_no_readable_checkpoint_is_a_clear_error(trained, tmp_path):
     (exp / "checkpoints" / "5" / "state" / "_METADATA").write_text("not json")
 
     before = snapshot(tmp_path)
-    tr = run_cli("train_char.py", *RESTORE_BASE, "--max-steps", 12, cwd=tmp_path, check=False)
+    tr = call_main("train_char.py", *RESTORE_BASE, "--max-steps", 12, cwd=tmp_path)
     assert_user_error(tr, "no readable checkpoint in", "step 10:", "step 5:")
-    ev = run_cli("eval_char.py", "--experiment-name", "base", "--split", "none", "--sample-steps", 3, cwd=tmp_path,
-                 check=False)
+    ev = call_main("eval_char.py", "--experiment-name", "base", "--split", "none", "--sample-steps", 3, cwd=tmp_path)
     assert_user_error(ev, "no readable checkpoint in", "step 10:", "step 5:")
     assert_unchanged(before, snapshot(tmp_path))
 
@@ -630,6 +625,19 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, trained):
+    # In process (main() of the script, its stdout and stderr, file descriptors included): a refusal costs
+    # a fraction of a second this way. The test below runs two of them as processes.
+    script, args, fragments = BAD_INPUT[case]
+    before = snapshot(trained)
+    proc = call_main(script, *args, cwd=trained)
+    assert_user_error(proc, *fragments)
+    assert_unchanged(before, snapshot(trained))
+
+
+@pytest.mark.parametrize("case", ["missing dataset", "eval missing step"])
+def test_bad_input_through_a_process_is_the_same_one_line(case, trained):
+    """What only a whole process shows: nothing printed while the libraries load or the backend starts
+    (a warning at import, a C++ log line), the exit code as the shell sees it; one refusal of each script."""
     script, args, fragments = BAD_INPUT[case]
     before = snapshot(trained)
     proc = run_cli(script, *args, cwd=trained, check=False)

@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, TINY, need_data, read_scalars, run_cli
+from conftest import SHAKESPEARE, TINY, call_main, main_ok, read_scalars
 from test_reliability import (assert_unchanged, assert_user_error, popen_output, popen_train, snapshot, steps_in,
                               wait_until)
 
@@ -20,8 +20,8 @@ from test_reliability import (assert_unchanged, assert_user_error, popen_output,
 def base(tmp_path_factory):
     """experiments/base: 10 steps, checkpoints 5 and 10."""
     root = tmp_path_factory.mktemp("restarts")
-    run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiment-name", "base", *TINY,
-            "--max-steps", 10, "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
+    main_ok("train_char.py", "--dataset-path", SHAKESPEARE, "--experiment-name", "base", *TINY, "--max-steps", 10,
+            "--checkpoint-interval", 5, "--eval-interval", 0, cwd=root)
     return root
 
 
@@ -61,7 +61,7 @@ def test_killed_before_its_first_checkpoint_the_same_command_starts_it_over(shak
     assert steps_in(exp / "checkpoints") == [], "the kill came after the first checkpoint: make the run longer"
     assert list((exp / "tb").iterdir())  # the killed attempt's event file, which the restart replaces
 
-    again = run_cli("train_char.py", *command, cwd=tmp_path)
+    again = main_ok("train_char.py", *command, cwd=tmp_path)
     assert ("restart: experiments/r has no complete checkpoint yet: starting it over from step 0 with its saved "
             "settings (the earlier attempt had nothing to keep but its TensorBoard logs, which this run replaces)"
             in again.stdout)
@@ -72,7 +72,7 @@ def test_killed_before_its_first_checkpoint_the_same_command_starts_it_over(shak
 
     # Nothing left to train: the same command says so and changes nothing.
     before = snapshot(tmp_path)
-    assert_user_error(run_cli("train_char.py", *command, cwd=tmp_path, check=False),
+    assert_user_error(call_main("train_char.py", *command, cwd=tmp_path),
                       "experiments/r is at step 30, and --max-steps is 30: nothing to train")
     assert_unchanged(before, snapshot(tmp_path))
 

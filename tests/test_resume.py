@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, leaves, load_state, read_scalars, run_cli
+from conftest import TINY, call_main, leaves, load_state, main_ok, read_scalars, run_cli
 
 # Deliberately far from every default: a resume that fell back to a default would fail at once.
 SETTINGS = [*TINY, "--seed", 7, "--optim.weight-decay", 0.05, "--optim.b2", 0.99, "--data.val-fraction", 0.04,
@@ -16,12 +16,12 @@ SETTINGS = [*TINY, "--seed", 7, "--optim.weight-decay", 0.05, "--optim.b2", 0.99
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """experiments/ref: 12 uninterrupted steps of a tinyshakespeare run with non-default settings."""
-    from conftest import SHAKESPEARE, need_data
+    """experiments/ref: 12 uninterrupted steps of a run on the Shakespeare fixture with non-default settings."""
+    from conftest import SHAKESPEARE
 
     root = tmp_path_factory.mktemp("resume")
-    run_cli("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiment-name", "ref", *SETTINGS,
-            "--max-steps", 12, cwd=root)
+    main_ok("train_char.py", "--dataset-path", SHAKESPEARE, "--experiment-name", "ref", *SETTINGS, "--max-steps", 12,
+            cwd=root)
     return root
 
 
@@ -36,7 +36,7 @@ def test_resume_from_the_experiment_alone_is_bit_exact(reference, tmp_path):
     with them, and the result is the uninterrupted run's, bit for bit (same device count)."""
     exp = copy_of(reference, tmp_path)
     first_config = (exp / "config.json").read_text()
-    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-step", 5, cwd=tmp_path)
+    proc = main_ok("train_char.py", "--experiment-name", "ref", "--restore-step", 5, cwd=tmp_path)
     assert "restored from step 5" in proc.stdout and "steps 5 -> 12" in proc.stdout
     # The newer checkpoints are superseded, not deleted.
     assert sorted(p.name.split("_")[0] for p in (exp / "superseded_checkpoints").iterdir()) == ["10", "12"]
@@ -70,7 +70,7 @@ def test_max_steps_on_resume_replans_the_schedule_and_says_so(reference, tmp_pat
     from mingpt_palm.optim import lr_schedule
 
     exp = copy_of(reference, tmp_path)
-    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 30,
+    proc = main_ok("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 30,
                    "--log-interval", 6, cwd=tmp_path)
     optim = OptimizerConfig(learning_rate=3e-3, warmup_steps=5, weight_decay=0.05, b2=0.99)
     before, after = float(lr_schedule(optim, 12)(12)), float(lr_schedule(optim, 30)(12))
@@ -101,7 +101,7 @@ def test_a_moved_corpus_with_the_same_bytes_is_the_same_corpus(reference, tmp_pa
     copy_of(reference, tmp_path)
     moved = tmp_path / "moved.txt"
     shutil.copy(SHAKESPEARE, moved)
-    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 13,
+    proc = main_ok("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 13,
                    "--dataset-path", moved, cwd=tmp_path)
     assert f"corpus: {moved} (moved from {SHAKESPEARE.resolve()}; same size and sha256)" in proc.stdout
 
@@ -136,11 +136,11 @@ def test_how_but_not_what_may_change_on_resume(reference, tmp_path):
     """Remat, the attention kernel and gradient accumulation change how the step computes, not what: a
     resume may change them (recorded in history.jsonl). The compute dtype changes the numbers: refused."""
     exp = copy_of(reference, tmp_path)
-    run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 14,
+    main_ok("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 14,
             "--model.remat", "dots", "--model.attention", "xla", "--grad-accum-steps", 2, cwd=tmp_path)
     history = [json.loads(line) for line in (exp / "history.jsonl").read_text().splitlines()]
     assert history[-1]["changed"] == {"max_steps": [12, 14], "grad_accum_steps": [1, 2],
                                       "model.attention": ["auto", "xla"], "model.remat": ["none", "dots"]}
-    proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 16,
-                   "--model.dtype", "bfloat16", cwd=tmp_path, check=False)
+    proc = call_main("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 16,
+                     "--model.dtype", "bfloat16", cwd=tmp_path)
     assert proc.returncode == 2 and "model.dtype: 'float32' saved vs 'bfloat16' given" in proc.stderr, proc.stderr

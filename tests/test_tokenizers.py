@@ -1,5 +1,5 @@
-"""Tokenizers: sentencepiece round trips on real text, bits per byte from bytes, and the experiment that
-stores the tokenizer (train, eval, resume, an old config, a damaged model file)."""
+"""Tokenizers: sentencepiece round trips on Shakespeare and on generated XML, bits per byte from bytes, and the
+experiment that stores the tokenizer (train, eval, resume, an old config, a damaged model file)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, TINY, WIKI, leaves, load_state, need_data, read_scalars, run_cli
+from conftest import SHAKESPEARE, TINY, call_main, leaves, load_state, main_ok, read_scalars, xml_text
 from test_reliability import assert_unchanged, assert_user_error, snapshot
 
 
@@ -42,6 +42,15 @@ def odd_bytes() -> bytes:
             + bytes(rng.integers(0, 256, 4096, dtype=np.uint8)) + b"\n\n")
 
 
+@pytest.fixture(scope="module")
+def xml_corpus(tmp_path_factory):
+    """Generated MediaWiki-like XML (conftest.xml_text, 407,553 bytes): markup and UTF-8 in several scripts,
+    lines of up to 3.6 KB; its train split holds 366,799 bytes."""
+    path = tmp_path_factory.mktemp("xml") / "wiki.xml"
+    path.write_bytes(xml_text())
+    return path
+
+
 def assert_exact(vocab, raw) -> np.ndarray:
     ids = vocab.encode(np.frombuffer(raw, np.uint8) if isinstance(raw, bytes) else raw)
     assert ids.dtype == np.int32 and ids.ndim == 1
@@ -50,40 +59,41 @@ def assert_exact(vocab, raw) -> np.ndarray:
     return ids
 
 
-@pytest.mark.parametrize("corpus", [SHAKESPEARE, WIKI], ids=["shakespeare", "wiki"])
-def test_sentencepiece_round_trip_is_byte_exact_on_real_text(corpus):
+@pytest.mark.parametrize("corpus", ["shakespeare", "xml"])
+def test_sentencepiece_round_trip_is_byte_exact_on_text(corpus, xml_corpus):
     """Learned from one corpus's train split, exact on its val and test splits, on the other corpus (UTF-8
     it never saw, for a model learned on ASCII Shakespeare) and on bytes no text has."""
-    train, val, test = splits(need_data(corpus))
+    paths = {"shakespeare": SHAKESPEARE, "xml": xml_corpus}
+    train, val, test = splits(paths[corpus])
     vocab = learn(train)
     assert vocab.size == 512 and vocab.unknown_count(val) == 0
-    other = splits(need_data(WIKI if corpus == SHAKESPEARE else SHAKESPEARE))[1]
+    other = splits(paths["xml" if corpus == "shakespeare" else "shakespeare"])[1]
     for raw in (test, other, odd_bytes(), b"", b"\n", b"x"):
         assert_exact(vocab, raw)
-    # Sub-words, not bytes: 1.8 bytes per token for 512 pieces on Shakespeare, 1.5 on wiki.
+    # Sub-words, not bytes: 1.9 bytes per token for 512 pieces on Shakespeare, 2.6 on the generated XML.
     assert len(val) / len(assert_exact(vocab, val)) > 1.4
 
 
-def test_chunked_encoding_gives_the_ids_of_the_whole(monkeypatch):
+def test_chunked_encoding_gives_the_ids_of_the_whole(monkeypatch, xml_corpus):
     """Long splits are encoded in pieces cut after a newline; a newline is always a token of its own, so
     the ids are those of the whole text encoded at once."""
     from mingpt_palm import tokenizers
 
-    train, val, _ = splits(need_data(WIKI))
+    train, val, _ = splits(xml_corpus)
     vocab = learn(train)
     whole = vocab.encode(val)
-    monkeypatch.setattr(tokenizers, "_CHUNK", 5000)
+    monkeypatch.setattr(tokenizers, "_CHUNK", 5000)  # the 20,377-byte val split in 5 pieces
     assert np.array_equal(vocab.encode(val), whole)
     assert_exact(vocab, odd_bytes())  # no newline for 90 KB: cut at a character start, still exact
 
 
-def test_training_sample_is_whole_lines_drawn_by_seed():
+def test_training_sample_is_whole_lines_drawn_by_seed(xml_corpus):
     from mingpt_palm.tokenizers import training_lines
 
-    train, _, _ = splits(need_data(WIKI))
+    train, _, _ = splits(xml_corpus)
     lines = set(bytes(train).split(b"\n"))
     runs, drawn = training_lines(train, 200_000, seed=0)
-    assert 200_000 <= drawn < 200_000 + 8000  # stops at the line that crosses the budget (lines < 7.5 KB)
+    assert 200_000 <= drawn < 200_000 + 4000  # stops at the line that crosses the budget (lines < 3.6 KB)
     assert all(run.encode() in lines for run in runs if "\u2581" not in run)
     assert training_lines(train, 200_000, seed=0)[0] == runs
     assert training_lines(train, 200_000, seed=1)[0] != runs
@@ -94,10 +104,11 @@ def test_training_sample_is_whole_lines_drawn_by_seed():
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_learning_is_deterministic(model_type):
     """Each process of a job learns its own tokenizer: the same bytes and settings must give the same model."""
-    train, val, _ = splits(need_data(SHAKESPEARE))
-    vocab = learn(train, budget=200_000, model_type=model_type)
-    assert learn(train, budget=200_000, model_type=model_type).sha256 == vocab.sha256
-    assert learn(train, budget=200_000, model_type=model_type, seed=1).sha256 != vocab.sha256  # other lines
+    train, val, _ = splits(SHAKESPEARE)
+    # 40 KB of the 89,859-byte train split: another seed draws other lines.
+    vocab = learn(train, budget=40_000, model_type=model_type)
+    assert learn(train, budget=40_000, model_type=model_type).sha256 == vocab.sha256
+    assert learn(train, budget=40_000, model_type=model_type, seed=1).sha256 != vocab.sha256  # other lines
     assert_exact(vocab, val)
 
 
@@ -125,7 +136,7 @@ def test_bits_per_byte_are_counted_in_bytes_not_tokens():
 
 
 def test_the_cache_of_a_split_is_read_back_and_a_damaged_one_ignored(tmp_path):
-    train, val, _ = splits(need_data(SHAKESPEARE))
+    train, val, _ = splits(SHAKESPEARE)
     vocab = learn(train)
     vocab.cache_dir = tmp_path
     assert vocab.cached(val) is None
@@ -147,7 +158,7 @@ def test_a_vocab_size_too_small_for_the_text_is_one_clear_error():
         validate_train(TrainConfig(data=DataConfig(tokenizer="sentencepiece", vocab_size=200)))
     validate_train(TrainConfig(data=DataConfig(tokenizer="byte", vocab_size=200)))  # unused by bytes
 
-    train, _, _ = splits(need_data(SHAKESPEARE))
+    train, _, _ = splits(SHAKESPEARE)
     with pytest.raises(UserError, match=r"--data.vocab-size 300 is too small for this corpus: it needs at least 3\d\d "
                                         r"\(256 byte pieces, the unknown id and \d+ characters"):
         learn(train, vocab_size=300)
@@ -181,11 +192,11 @@ SP = ["--data.tokenizer", "sentencepiece", "--data.vocab-size", 512, "--data.sp-
 
 @pytest.fixture(scope="module")
 def sp_run(tmp_path_factory):
-    """experiments/sp: 6 steps of a 512-piece sentencepiece run on a private copy of tinyshakespeare
+    """experiments/sp: 6 steps of a 512-piece sentencepiece run on a private copy of the Shakespeare fixture
     (checkpoints 3 and 6, validation at 6, every step logged)."""
     root = tmp_path_factory.mktemp("sp")
-    shutil.copy(need_data(SHAKESPEARE), root / "corpus.txt")
-    proc = run_cli("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "sp", *TINY, *SP,
+    shutil.copy(SHAKESPEARE, root / "corpus.txt")
+    proc = main_ok("train_char.py", "--dataset-path", "corpus.txt", "--experiment-name", "sp", *TINY, *SP,
                    "--max-steps", 6, "--checkpoint-interval", 3, "--eval-interval", 6, "--log-interval", 1,
                    "--keep-checkpoints", 5, cwd=root)
     return root, proc
@@ -239,7 +250,7 @@ def test_train_with_sentencepiece_stores_the_tokenizer_and_logs_bits_per_byte(sp
 
 def test_eval_samples_and_scores_a_sentencepiece_experiment_without_flags(sp_run, tmp_path):
     exp = work_copy(sp_run, tmp_path)
-    out = run_cli("eval_char.py", "--experiment-name", "sp", "--sample-steps", 12, "--batch-size", 8,
+    out = main_ok("eval_char.py", "--experiment-name", "sp", "--sample-steps", 12, "--batch-size", 8,
                   "--prompt", "ROMEO: caf\u00e9 \u2581", cwd=tmp_path)
     raw = out.stdout.encode("utf-8", "surrogateescape")
     assert "ROMEO: caf\u00e9 \u2581".encode() in raw and b"=== sample 1 of 1: 12 tokens, " in raw
@@ -257,7 +268,7 @@ def test_resume_of_a_sentencepiece_run_is_bit_exact(sp_run, tmp_path):
     """From step 3 with no flags: the saved tokenizer and the cached ids come back (nothing is learned or
     encoded again), and steps 4-6 end bit for bit where the uninterrupted run did."""
     exp = work_copy(sp_run, tmp_path)
-    proc = run_cli("train_char.py", "--experiment-name", "sp", "--restore-step", 3, cwd=tmp_path)
+    proc = main_ok("train_char.py", "--experiment-name", "sp", "--restore-step", 3, cwd=tmp_path)
     assert "restored from step 3" in proc.stdout
     assert "tokenizer: learning" not in proc.stdout and "tokenizer: encoding" not in proc.stdout
     ref = sp_run[0] / "experiments" / "sp"
@@ -271,8 +282,8 @@ def test_resume_of_a_sentencepiece_run_is_bit_exact(sp_run, tmp_path):
 def test_resume_refuses_another_vocab_size(sp_run, tmp_path):
     work_copy(sp_run, tmp_path)
     before = snapshot(tmp_path)
-    proc = run_cli("train_char.py", "--experiment-name", "sp", "--restore-checkpoint", "--max-steps", 8,
-                   "--data.vocab-size", 1024, cwd=tmp_path, check=False)
+    proc = call_main("train_char.py", "--experiment-name", "sp", "--restore-checkpoint", "--max-steps", 8,
+                     "--data.vocab-size", 1024, cwd=tmp_path)
     assert_user_error(proc, "data.vocab_size: 512 saved vs 1024 given")
     assert_unchanged(before, snapshot(tmp_path))
 
@@ -295,5 +306,5 @@ def test_a_missing_or_damaged_tokenizer_model_is_one_clear_line(sp_run, tmp_path
         damaged[len(damaged) // 2] ^= 0xFF
         model.write_bytes(bytes(damaged))
     before = snapshot(tmp_path)
-    assert_user_error(run_cli(*script, cwd=tmp_path, check=False), fragment, "restore it from a backup")
+    assert_user_error(call_main(*script, cwd=tmp_path), fragment, "restore it from a backup")
     assert_unchanged(before, snapshot(tmp_path))
