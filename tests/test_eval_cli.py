@@ -71,7 +71,7 @@ def test_a_refused_evaluation_leaves_no_eval_directory(experiment, tmp_path):
     work = tmp_path / "experiments"
     shutil.copytree(experiment / "c", work / "c")
     assert not (work / "c" / "eval").exists()
-    proc = run_cli("eval_char.py", "--experiments-dir", work, "--experiment-name", "c", "--batch-size", 4,
-                   "--prompt-file", tmp_path / "nowhere.txt", "--sample-steps", 4, check=False)
+    proc = call_main("eval_char.py", "--experiments-dir", work, "--experiment-name", "c", "--batch-size", 4,
+                     "--prompt-file", tmp_path / "nowhere.txt", "--sample-steps", 4, cwd=tmp_path)
     assert proc.returncode == 2 and "error: --prompt-file" in proc.stderr, proc.stderr
     assert not (work / "c" / "eval").exists()
