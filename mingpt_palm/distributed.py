@@ -242,6 +242,13 @@ class PeerWatch:
             with contextlib.suppress(Exception):  # the job may be going down already
                 self._beat("done")
 
+    def settle(self) -> None:
+        """After a failure: wait (at most timeout_s + 5 s) for the verdict on the other processes. A collective
+        with a process that died fails here, often before the silence is long enough to name it; reported as
+        the collective's error (or ended by orbax waiting for the dead one) it would hide the cause."""
+        if self._thread.is_alive():
+            self._thread.join(self.timeout_s + 5)
+
     def _beat(self, value: str) -> None:
         _client().key_value_set(f"{_KEYS}/alive/{jax.process_index()}", value, allow_overwrite=True)
 

@@ -88,38 +88,50 @@ class Trainer:
 
     def loop(self) -> int:
         cfg = self.run.cfg
-        try:
-            with errors.StopRequest() as stop, distributed.PeerWatch(cfg.peer_timeout, self.peer_lost), \
-                    data.Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
-                self.dispatched_at = time.perf_counter()
-                for step in range(self.run.start, cfg.max_steps):
-                    stopping = np.full(jax.local_device_count(), stop.signum is not None)
-                    self.state, self.control, status, metrics = self.p_step(
-                        self.state, self.control, batches.get(step), stopping)
-                    self.pending.append((step + 1, status, metrics))
-                    # The first step (compiling) is read before the second goes out: what starts the run
-                    # (began) then runs with nothing in flight, and the steady windows start after it.
-                    self.complete(keep=self.depth if step > self.run.start else 0)
-                    done = step + 1
-                    evaluate_now = cfg.eval_interval and done % cfg.eval_interval == 0
-                    if (evaluate_now or self.checkpoints.due(done)) and not self.halted:
-                        self.complete(keep=0)  # the host must know that every step up to `done` was taken
-                    if self.halted:
-                        break
-                    if evaluate_now:
-                        self.evaluate(done)
-                    self.checkpoints.on_step(done, self.state)
-                self.complete(keep=0)
-                final = int(parallel.unreplicate(self.state.step))
-                if self.stop_agreed and self.checkpoints.last_saved != final:
-                    self.checkpoints.save(final, self.state)
-                elif cfg.eval_interval and self.last_evaluated != final and not self.stop_agreed:
-                    self.evaluate(final)
-                self.checkpoints.finish()
-        finally:
-            self.checkpoints.close()
-            self.log.close()
+        # The watch outlives the checkpointer's close: a save still waits for every process there.
+        with distributed.PeerWatch(cfg.peer_timeout, self.peer_lost) as peers:
+            try:
+                with errors.StopRequest() as stop, \
+                        data.Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
+                    final = self.steps(stop, batches)
+            except Exception as e:
+                if not isinstance(e, errors.UserError):
+                    peers.settle()  # a collective broken by a dead process: the death is the news, not the error
+                raise
+            finally:
+                self.checkpoints.close()
+                self.log.close()
         return self.report(stop.signum, final)
+
+    def steps(self, stop: errors.StopRequest, batches: data.Prefetcher) -> int:
+        """Train up to max_steps or until the run halts; returns the step the state has reached."""
+        cfg = self.run.cfg
+        self.dispatched_at = time.perf_counter()
+        for step in range(self.run.start, cfg.max_steps):
+            stopping = np.full(jax.local_device_count(), stop.signum is not None)
+            self.state, self.control, status, metrics = self.p_step(
+                self.state, self.control, batches.get(step), stopping)
+            self.pending.append((step + 1, status, metrics))
+            # The first step (compiling) is read before the second goes out: what starts the run
+            # (began) then runs with nothing in flight, and the steady windows start after it.
+            self.complete(keep=self.depth if step > self.run.start else 0)
+            done = step + 1
+            evaluate_now = cfg.eval_interval and done % cfg.eval_interval == 0
+            if (evaluate_now or self.checkpoints.due(done)) and not self.halted:
+                self.complete(keep=0)  # the host must know that every step up to `done` was taken
+            if self.halted:
+                break
+            if evaluate_now:
+                self.evaluate(done)
+            self.checkpoints.on_step(done, self.state)
+        self.complete(keep=0)
+        final = int(parallel.unreplicate(self.state.step))
+        if self.stop_agreed and self.checkpoints.last_saved != final:
+            self.checkpoints.save(final, self.state)
+        elif cfg.eval_interval and self.last_evaluated != final and not self.stop_agreed:
+            self.evaluate(final)
+        self.checkpoints.finish()
+        return final
 
     def complete(self, keep: int) -> None:
         """Read the finished steps until at most `keep` are in flight."""

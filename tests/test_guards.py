@@ -71,6 +71,21 @@ def test_a_damaged_config_json_is_named_not_the_checkpoints(base, tmp_path, how,
     assert_unchanged(before, snapshot(tmp_path))
 
 
+@pytest.mark.parametrize("script", [RESUME, EVAL], ids=["resume", "eval"])
+def test_a_config_json_of_another_format_is_refused_not_half_read(base, tmp_path, script):
+    """config.json from an earlier build (no "format", as before format 1) names the format it holds and the
+    one this build reads, instead of reading fields whose meaning may have changed."""
+    exp = work_copy(base, tmp_path)
+    config = json.loads((exp / "config.json").read_text())
+    del config["format"]
+    (exp / "config.json").write_text(json.dumps(config))
+    before = snapshot(tmp_path)
+    assert_user_error(call_main(*script, cwd=tmp_path), "config.json cannot be read: it is format None, written by "
+                      "another build of mingpt-palm; this one reads format 1; continue or evaluate this experiment "
+                      "with the build that made it")
+    assert_unchanged(before, snapshot(tmp_path))
+
+
 @pytest.mark.parametrize("how, fragment", [
     ("missing", "vocab.json is missing"),
     ("inconsistent", "vocab.json describes 3 tokens but the model in config.json has num_tokens 256"),

@@ -107,13 +107,14 @@ def test_a_moved_corpus_with_the_same_bytes_is_the_same_corpus(reference, tmp_pa
 
 
 def test_max_epochs_gives_the_exact_step_count(tmp_path, in_process):
-    """An epoch of tinyshakespeare's 1,015,010 training bytes (val 4%, test 5%) in windows of 64, batch 8, is
-    1015010 / 512 = 1982.44 steps; a run takes the ceiling of epochs times that:
+    """An epoch of the suite's corpus (tests/data/shakespeare.txt, 99,843 bytes: val 4% = 3,993, test 5% =
+    4,992, train 90,858) in windows of 64, batch 8, is 90858 / 512 = 177.46 steps; a run takes the ceiling of
+    epochs times that:
 
-        --max-epochs 0.00051: 1.011 -> 2 steps (floor and round: 1; windows of 65 bytes: 1; batches of 2
-                              per device: 5)
-        --max-epochs 0.0014:  2.775 -> 3 steps (floor: 2; round: 3; the whole file's 1,115,394 bytes: 4;
-                              batches of 2 per device: 12)
+        --max-epochs 0.0057: 1.012 -> 2 steps (floor and round: 1; windows of 65 bytes: 1; batches of 2
+                             per device: 5)
+        --max-epochs 0.0158: 2.804 -> 3 steps (floor: 2; round: 3; the whole file's 99,843 bytes: 4;
+                             batches of 2 per device: 12)
 
     so the pair is (2, 3) for the ceiling and (1, 2), (1, 3), (2, 4), (1, 3), (5, 12) for each mistake. Run in
     this process (two short runs of 2 and 3 steps), as the command line would run them."""
@@ -121,7 +122,7 @@ def test_max_epochs_gives_the_exact_step_count(tmp_path, in_process):
 
     from conftest import SHAKESPEARE, need_data
 
-    for epochs, steps in ((0.00051, 2), (0.0014, 3)):
+    for epochs, steps in ((0.0057, 2), (0.0158, 3)):
         proc = in_process("train_char.py", "--dataset-path", need_data(SHAKESPEARE), "--experiments-dir", tmp_path,
                           *SETTINGS, "--max-epochs", epochs, "--experiment-name", f"epochs{steps}",
                           "--checkpoint-interval", 1000, cwd=tmp_path)
