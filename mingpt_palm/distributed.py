@@ -8,7 +8,6 @@ heartbeats), because a wait on it has a timeout where a collective has none.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import socket
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from mingpt_palm import errors
+from mingpt_palm.logs import StdoutWithoutGloo
 from mingpt_palm.errors import UserError
 
 
@@ -67,40 +67,7 @@ def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
     finally:
         joined.set()
     if jax.default_backend() == "cpu":
-        _StdoutWithoutGloo()
-
-
-class _StdoutWithoutGloo:
-    """gloo (the CPU collectives of a multi-process job) announces each connection on stdout from C++ threads,
-    "[Gloo] Rank 0 is connected to 1 peer ranks. ...", where the run's own lines and a user's pipes are: fd 1
-    goes through a pipe, and a thread passes on every line but those (torn ones included)."""
-
-    def __init__(self):
-        sys.stdout.flush()
-        self.real, (self.pipe, write_end) = os.dup(1), os.pipe()
-        os.dup2(write_end, 1)
-        os.close(write_end)
-        self.thread = threading.Thread(target=self._pass_on, daemon=True, name="stdout-without-gloo")
-        self.thread.start()
-        atexit.register(self.close)
-        errors._before_exit.append(self.close)
-
-    def _pass_on(self) -> None:
-        rest = b""
-        while chunk := os.read(self.pipe, 1 << 16):
-            *lines, rest = (rest + chunk).split(b"\n")
-            kept = [line + b"\n" for line in lines if b"[Gloo]" not in line and b"peer ranks" not in line]
-            if kept:
-                os.write(self.real, b"".join(kept))
-        if rest:
-            os.write(self.real, rest)
-
-    def close(self) -> None:
-        """Everything printed so far reaches the real stdout, which fd 1 is again."""
-        if self.thread.is_alive():
-            sys.stdout.flush()
-            os.dup2(self.real, 1)  # the pipe's last write end closes: the thread reads to its end
-            self.thread.join(timeout=5)
+        StdoutWithoutGloo()
 
 
 # jax's coordination service, run by a child of process 0 rather than inside it: when process 0 dies
@@ -243,11 +210,27 @@ class PeerWatch:
                 self._beat("done")
 
     def settle(self) -> None:
-        """After a failure: wait (at most timeout_s + 5 s) for the verdict on the other processes. A collective
-        with a process that died fails here, often before the silence is long enough to name it; reported as
-        the collective's error (or ended by orbax waiting for the dead one) it would hide the cause."""
-        if self._thread.is_alive():
-            self._thread.join(self.timeout_s + 5)
+        """After a failure: wait for the verdict on the other processes, until each has beaten twice since (it
+        is alive: the failure is this process's own) or at most timeout_s + 5 s. A collective with a process
+        that died fails here, often before the silence is long enough to name it; reported as the
+        collective's error (or ended by orbax waiting for the dead one) it would hide the cause."""
+        before, deadline = self._beats(), time.monotonic() + self.timeout_s + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self._beats()
+            if before and now and len(now) == jax.process_count() - 1 and all(
+                    value == "done" or (value.isdigit() and before.get(pid, "").isdigit()
+                                        and int(value) >= int(before[pid]) + 2) for pid, value in now.items()):
+                return
+
+    def _beats(self) -> dict | None:
+        """The others' heartbeats as they are now (None if the coordinator does not answer)."""
+        try:
+            entries = _client().key_value_dir_get(f"{_KEYS}/alive/")
+        except Exception:
+            return None
+        me = f"{_KEYS}/alive/{jax.process_index()}"
+        return {key: value for key, value in entries if key != me}
 
     def _beat(self, value: str) -> None:
         _client().key_value_set(f"{_KEYS}/alive/{jax.process_index()}", value, allow_overwrite=True)

@@ -119,6 +119,11 @@ def main(fn, *args, interrupted: str, on_failure=None, exit_at_once: bool = Fals
 _before_exit: list = []  # what must not be lost when a process leaves with exit_now
 
 
+def before_exit(hook) -> None:
+    """Run hook() in exit_now, before the process leaves without waiting for anything (what must not be lost)."""
+    _before_exit.append(hook)
+
+
 def exit_now(code: int) -> None:
     """Leave at once, waiting for no thread and no XLA computation (a collective with a dead peer, an orbax
     save cut short), after what must not be lost: the lines already printed."""

@@ -3,14 +3,18 @@
 As flax's lm1b does it: the train step returns a dict of scalars and `Logger.log` writes every key it
 gets (to TensorBoard as train/<key>), so a new metric is one line in the step. tokens/s counts
 training time only: work timed out with `with logger.timed():` is left out, and the loop enters it
-with no step in flight (time the devices spend computing is never taken out). Only process 0 speaks.
+with no step in flight (time the devices spend computing is never taken out). Only process 0 speaks,
+and gloo's connection lines are kept off a multi-process job's stdout (`StdoutWithoutGloo`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +24,8 @@ from tensorboard.plugins.hparams import summary_v2 as hparams
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
+
+from mingpt_palm import errors
 
 # Without a terminal (a log file, a pipe) a progress line this often: enough to see a job move.
 LINE_INTERVAL_S = 30.0
@@ -194,3 +200,36 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StdoutWithoutGloo:
+    """gloo (the CPU collectives of a multi-process job) announces each connection on stdout from C++ threads,
+    "[Gloo] Rank 0 is connected to 1 peer ranks. ...", where the run's own lines and a user's pipes are: fd 1
+    goes through a pipe, and a thread passes on every line but those (torn ones included)."""
+
+    def __init__(self):
+        sys.stdout.flush()
+        self.real, (self.pipe, write_end) = os.dup(1), os.pipe()
+        os.dup2(write_end, 1)
+        os.close(write_end)
+        self.thread = threading.Thread(target=self._pass_on, daemon=True, name="stdout-without-gloo")
+        self.thread.start()
+        atexit.register(self.close)
+        errors.before_exit(self.close)
+
+    def _pass_on(self) -> None:
+        rest = b""
+        while chunk := os.read(self.pipe, 1 << 16):
+            *lines, rest = (rest + chunk).split(b"\n")
+            kept = [line + b"\n" for line in lines if b"[Gloo]" not in line and b"peer ranks" not in line]
+            if kept:
+                os.write(self.real, b"".join(kept))
+        if rest:
+            os.write(self.real, rest)
+
+    def close(self) -> None:
+        """Everything printed so far reaches the real stdout, which fd 1 is again."""
+        if self.thread.is_alive():
+            sys.stdout.flush()
+            os.dup2(self.real, 1)  # the pipe's last write end closes: the thread reads to its end
+            self.thread.join(timeout=5)

@@ -89,7 +89,7 @@ class Trainer:
     def loop(self) -> int:
         cfg = self.run.cfg
         # The watch outlives the checkpointer's close: a save still waits for every process there.
-        with distributed.PeerWatch(cfg.peer_timeout, self.peer_lost) as peers:
+        with distributed.PeerWatch(cfg.peer_timeout, partial(peer_lost, self.exp)) as peers:
             try:
                 with errors.StopRequest() as stop, \
                         data.Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
@@ -192,16 +192,6 @@ class Trainer:
             self.last_evaluated = step
             self.validation(self.state.params, step, self.log)
 
-    def peer_lost(self, reason: str) -> None:
-        """PeerWatch's verdict (on its thread): this process cannot go on without the other. One line, exit 1;
-        the main thread may be stuck in a collective with the dead process, so nothing waits for it."""
-        complete = self.exp.checkpoint_steps()
-        last = f"step {complete[-1]} in {self.exp.checkpoint_dir}" if complete else "none yet"
-        again = self.exp.command("train_char.py", "--restore-checkpoint")
-        print(f"error: {reason}; this process (process {jax.process_index()}) stops too. The last complete checkpoint "
-              f"is {last}; restart every process of the job with: {again}", file=sys.stderr, flush=True)
-        errors.exit_now(1)
-
     def report(self, signum, final: int) -> int:
         main = jax.process_index() == 0
         if self.stop_agreed:
@@ -214,3 +204,14 @@ class Trainer:
             print(f"done: {final} steps; checkpoint step {self.checkpoints.last_saved} in {self.exp.checkpoint_dir}; "
                   f"evaluate with: {self.exp.command('eval_char.py')}")
         return 0
+
+
+def peer_lost(exp, reason: str) -> None:
+    """PeerWatch's verdict (on its thread): this process cannot go on without the other. One line, exit 1;
+    the main thread may be stuck in a collective with the dead process, so nothing waits for it."""
+    complete = exp.checkpoint_steps()
+    last = f"step {complete[-1]} in {exp.checkpoint_dir}" if complete else "none yet"
+    again = exp.command("train_char.py", "--restore-checkpoint")
+    print(f"error: {reason}; this process (process {jax.process_index()}) stops too. The last complete checkpoint "
+          f"is {last}; restart every process of the job with: {again}", file=sys.stderr, flush=True)
+    errors.exit_now(1)

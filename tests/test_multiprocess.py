@@ -233,3 +233,53 @@ def test_a_dead_process_is_named_by_the_others(shakespeare, tmp_path):
     assert procs[0].returncode == 1 and 4 < took < 30, (procs[0].returncode, took, line)
     assert "error: process 1 of 2 sent no heartbeat for 5 s (killed, or its host went down?); this process " \
            "(process 0) stops too. The last complete checkpoint is step " in line, line
+
+
+class _Peer:
+    """The job's key-value store as PeerWatch sees it, with process 1 beating (alive) or silent (dead)."""
+
+    def __init__(self, alive: bool):
+        import threading
+
+        self.entries = {"mingpt_palm/alive/1": "1"}
+        self.stop = threading.Event()
+        if alive:
+            threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self):
+        beat = 1
+        while not self.stop.wait(0.2):
+            beat += 1
+            self.entries["mingpt_palm/alive/1"] = str(beat)
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.entries[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in list(self.entries.items()) if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("alive", [True, False], ids=["peer alive", "peer dead"])
+def test_a_failure_waits_for_the_verdict_on_a_dead_peer_only(monkeypatch, alive):
+    """After an error in the loop, PeerWatch.settle lets the watch name a dead process first (the error of a
+    collective broken by its death would hide the cause; a survivor used to abort in orbax or gloo instead),
+    and returns as soon as every other process is seen beating, so that a failure of this process's own
+    is reported without waiting out --peer-timeout (600 s here: waiting it out fails the join below)."""
+    import threading
+
+    from mingpt_palm import distributed
+
+    peer, verdicts = _Peer(alive), []
+    monkeypatch.setattr(distributed, "_client", lambda: peer)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed.jax, "process_index", lambda: 0)
+    with distributed.PeerWatch(timeout_s=600 if alive else 2, on_dead=verdicts.append) as watch:
+        settling = threading.Thread(target=watch.settle, daemon=True)
+        settling.start()
+        settling.join(timeout=60)
+        peer.stop.set()
+        assert not settling.is_alive(), "settle waited out the peer timeout with every peer alive"
+    if alive:
+        assert verdicts == []
+    else:
+        assert verdicts == ["process 1 of 2 sent no heartbeat for 2 s (killed, or its host went down?)"]
