@@ -20,8 +20,8 @@ import jax
 import numpy as np
 
 from mingpt_palm import errors
-from mingpt_palm.logs import StdoutWithoutGloo
 from mingpt_palm.errors import UserError
+from mingpt_palm.logs import StdoutWithoutGloo
 
 
 def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
@@ -214,6 +214,8 @@ class PeerWatch:
         is alive: the failure is this process's own) or at most timeout_s + 5 s. A collective with a process
         that died fails here, often before the silence is long enough to name it; reported as the
         collective's error (or ended by orbax waiting for the dead one) it would hide the cause."""
+        if not self._thread.is_alive():  # a single process, or the verdict is in
+            return
         before, deadline = self._beats(), time.monotonic() + self.timeout_s + 5
         while self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.5)

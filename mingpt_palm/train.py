@@ -95,7 +95,7 @@ class Trainer:
                         data.Prefetcher(self.make_batch, self.run.start, cfg.max_steps) as batches:
                     final = self.steps(stop, batches)
             except Exception as e:
-                if not isinstance(e, errors.UserError):
+                if not isinstance(e, (errors.UserError, TrainingStopped)):  # those say what stopped the run
                     peers.settle()  # a collective broken by a dead process: the death is the news, not the error
                 raise
             finally:
