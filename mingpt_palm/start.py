@@ -136,7 +136,7 @@ def begin(cfg: TrainConfig) -> Run:
         exp.lock.release()
         raise UserError(f"{exp.path} is at step {run.start}, and --max-steps is {run.cfg.max_steps}: nothing to train; "
                         "pass a larger --max-steps to continue")
-    return run
+    return dataclasses.replace(run, notes=(*_warmup_note(run.cfg), *run.notes))
 
 
 def _open_experiment(cfg: TrainConfig, mode_: Mode) -> Experiment:
@@ -163,8 +163,7 @@ def _new(cfg: TrainConfig, exp: Experiment) -> Run:
               "train split", flush=True)
     vocab = vocab_lib.build(cfg.data, corpus.train, cfg.seed)
     run_cfg, splits, built = _settle(cfg, exp, None, corpus, vocab)
-    return Run(run_cfg, "new", exp, corpus, fingerprint, vocab, splits, built, _initialise(built, run_cfg), None,
-               _warmup_note(run_cfg))
+    return Run(run_cfg, "new", exp, corpus, fingerprint, vocab, splits, built, _initialise(built, run_cfg), None)
 
 
 def _finetune(cfg: TrainConfig, exp: Experiment) -> Run:
@@ -189,7 +188,7 @@ def _finetune(cfg: TrainConfig, exp: Experiment) -> Run:
     note = (f"init: parameters from {source_exp.path} step {restored.step} (step 0 here, fresh optimizer and "
             f"schedule){_unknown_note(vocab, corpus)}")
     return Run(run_cfg, "finetune", exp, corpus, fingerprint, vocab, splits, built, jax.block_until_ready(fresh),
-               None, (*_warmup_note(run_cfg), note), init=init)
+               None, (note,), init=init)
 
 
 def _resume(cfg: TrainConfig, exp: Experiment) -> Run:
@@ -201,7 +200,7 @@ def _resume(cfg: TrainConfig, exp: Experiment) -> Run:
     newer = [s for s in exp.checkpoint_steps() if s > restored.step and s not in restored.damaged]
     notes = _resume_notes(run_cfg, recorded, restored.state, restored.meta)
     return Run(run_cfg, "resume", exp, corpus, fingerprint, vocab, splits, built, restored.state, recorded,
-               (*_warmup_note(run_cfg), *notes), set_aside={"damaged": list(restored.damaged), "superseded": newer})
+               tuple(notes), set_aside={"damaged": list(restored.damaged), "superseded": newer})
 
 
 def _restart(cfg: TrainConfig, exp: Experiment) -> Run:
@@ -217,7 +216,7 @@ def _restart(cfg: TrainConfig, exp: Experiment) -> Run:
     note = (f"restart: {exp.path} has no complete checkpoint yet{cut}: starting it over from step 0 with its saved "
             f"settings (the earlier attempt had {kept})")
     return Run(run_cfg, "restart", exp, corpus, fingerprint, vocab, splits, built, _initialise(built, run_cfg),
-               recorded, (*_warmup_note(run_cfg), note))
+               recorded, (note,))
 
 
 # --- what the modes share --------------------------------------------------------------------------

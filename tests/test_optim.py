@@ -70,7 +70,7 @@ def test_a_short_run_gets_a_real_schedule_and_a_long_warmup_is_kept():
     # 3e-8, as --help says. rel 2e-3: optax ramps as peak - peak * (1 - i / W) in float32, which cancels
     # down to a few significant digits this early in a long warmup; the cut warmup gave 6e-4 (20,000x).
     assert float(s(4)) == pytest.approx(6e-4 * 5 / 100_000, rel=2e-3)
-    # A continued run keeps the warmup it started with (setup.py saves it): extended, the rate only decays.
+    # A continued run keeps the warmup it started with (config.json records it): extended, the rate only decays.
     extended = lr_schedule(OptimizerConfig(warmup_steps=resolved_warmup(OptimizerConfig(), 200)), 1000)
     rates = [float(extended(c)) for c in range(199, 1000)]
     assert all(b <= a for a, b in zip(rates, rates[1:])) and rates[0] < 6e-4

@@ -11,8 +11,8 @@ import statistics
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, TINY, call_main, main_ok, read_scalars
-from test_reliability import (assert_unchanged, assert_user_error, popen_output, popen_train, snapshot, steps_in,
+from conftest import SHAKESPEARE, TINY, call_main, main_ok, read_scalars, steps_in
+from test_reliability import (assert_unchanged, assert_user_error, popen_output, popen_train, snapshot,
                               wait_until)
 
 
@@ -168,6 +168,22 @@ def test_the_default_warmup_is_recorded_and_the_run_decays(shakespeare, tmp_path
     assert json.loads((exp / "config.json").read_text())["optim"]["warmup_steps"] == 2
     lr = dict(read_scalars(exp / "tb")["train/learning_rate"])
     assert lr[2] == pytest.approx(3e-3, rel=1e-5) and lr[40] == pytest.approx(3e-4, rel=1e-5)
+
+
+def test_a_warmup_longer_than_the_run_is_kept_and_said(shakespeare, tmp_path, in_process):
+    """--optim.warmup-steps 100 on a 3-step run is what --help promises (it used to be cut to the run, which
+    then trained at the peak), and the start says so; a new run and its resume both print it."""
+    # The third update's rate: 3 / 100 of the peak 3e-3 (the first update runs at peak / warmup).
+    note = ("schedule: the warmup (100 steps) is longer than the run (3 steps): the learning rate rises to 9e-05 and "
+            "never reaches its peak 0.003")
+    proc = in_process("train_char.py", "--dataset-path", shakespeare, "--experiment-name", "long", *TINY,
+                      "--optim.warmup-steps", 100, "--eval-interval", 0, "--max-steps", 3, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert note in proc.stdout.splitlines(), proc.stdout
+    proc = in_process("train_char.py", "--experiment-name", "long", "--restore-checkpoint", "--max-steps", 4, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith("schedule: the warmup (100 steps) is longer than the run (4 steps)")
+               for line in proc.stdout.splitlines()), proc.stdout
 
 
 def test_tokens_per_second_counts_training_time_only(shakespeare, tmp_path, monkeypatch, in_process):
