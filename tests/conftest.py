@@ -81,6 +81,11 @@ def run_cli(script: str, *args, devices: int = 4, cwd=None, timeout: float = 300
     return proc
 
 
+def steps_in(ckpt_dir: Path) -> list[int]:
+    """The numbered (complete) checkpoints in ckpt_dir, as a user listing the directory sees them."""
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+
+
 def need_data(path: Path) -> Path:
     """The path of a corpus the suite ships (tests/data): a checkout without it is broken, never a skip."""
     assert path.is_file(), f"{path} is missing: it is part of the test suite (tests/data/README.md)"

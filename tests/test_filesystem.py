@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, main_ok
-from test_reliability import assert_unchanged, assert_user_error, snapshot, steps_in
+from conftest import ROOT, SHAKESPEARE, TINY, cli_env, leaves, load_state, main_ok, steps_in
+from test_reliability import assert_unchanged, assert_user_error, snapshot
 
 
 def in_namespace(setup: str, target, command, extra_env=None) -> subprocess.CompletedProcess:

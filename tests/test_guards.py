@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok
-from test_reliability import assert_unchanged, assert_user_error, snapshot, steps_in
+from conftest import ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok, steps_in
+from test_reliability import assert_unchanged, assert_user_error, snapshot
 
 
 @pytest.fixture(scope="module")

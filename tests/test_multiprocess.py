@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, main_ok, read_scalars
+from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, main_ok, read_scalars, steps_in
 from mingpt_palm.config import TrainConfig
 
 LOGGED = ("train/loss", "train/grad_norm", "train/learning_rate")
@@ -153,8 +153,22 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(shakespeare, tmp
 
 # --- resume, and a process that dies --------------------------------------------------------------
 
-def steps_in(ckpt) -> list[int]:
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+def kill_after_a_checkpoint(procs, victim: int, ckpt) -> tuple[list, float]:
+    """kill -9 process `victim` of a job once `ckpt` holds a complete checkpoint; (what every process printed,
+    seconds from the kill until the other process ended)."""
+    survivor = procs[1 - victim]
+    try:
+        deadline = time.monotonic() + 240
+        while not steps_in(ckpt) and time.monotonic() < deadline and procs[victim].poll() is None:
+            time.sleep(0.002)
+        procs[victim].kill()
+        killed = time.monotonic()
+        survivor.wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        outs = finish(procs)
+    assert procs[victim].returncode == -signal.SIGKILL, "the job ended before the kill: make it longer"
+    return outs, took
 
 
 def one_error_line(err: str) -> str:
@@ -177,17 +191,7 @@ def test_a_dead_coordinator_is_named_and_the_job_resumes_bit_exact(shakespeare, 
     exp = tmp_path / "cut"
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TWO, "--experiment-name", "cut"]
     procs = start_job([args, args])
-    try:
-        deadline = time.monotonic() + 240
-        while not steps_in(exp / "checkpoints") and time.monotonic() < deadline and procs[0].poll() is None:
-            time.sleep(0.002)
-        procs[0].kill()
-        killed = time.monotonic()
-        procs[1].wait(timeout=60)
-        took = time.monotonic() - killed
-    finally:
-        outs = finish(procs)
-    assert procs[0].returncode == -signal.SIGKILL, "the job ended before the kill: make it longer"
+    outs, took = kill_after_a_checkpoint(procs, 0, exp / "checkpoints")
     line = one_error_line(outs[1][1])
     assert procs[1].returncode == 1 and took < 30, (procs[1].returncode, took, line)
     saved = steps_in(exp / "checkpoints")[-1]
@@ -219,16 +223,7 @@ def test_a_dead_process_is_named_by_the_others(shakespeare, tmp_path):
     args = ["--dataset-path", shakespeare, "--experiments-dir", tmp_path, *TWO, "--max-steps", 100_000,
             "--experiment-name", "dead"]
     procs = start_job([args, args])
-    try:
-        deadline = time.monotonic() + 240
-        while not steps_in(tmp_path / "dead" / "checkpoints") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        procs[1].kill()
-        killed = time.monotonic()
-        procs[0].wait(timeout=60)
-        took = time.monotonic() - killed
-    finally:
-        outs = finish(procs)
+    outs, took = kill_after_a_checkpoint(procs, 1, tmp_path / "dead" / "checkpoints")
     line = one_error_line(outs[0][1])
     assert procs[0].returncode == 1 and 4 < took < 30, (procs[0].returncode, took, line)
     assert "error: process 1 of 2 sent no heartbeat for 5 s (killed, or its host went down?); this process " \

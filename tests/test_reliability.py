@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok, read_scalars, run_cli
+from conftest import (ROOT, SHAKESPEARE, TINY, call_main, cli_env, leaves, load_state, main_ok, read_scalars,
+                      run_cli, steps_in)
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -69,10 +70,6 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 180, interval
     proc.kill()
     proc.wait()
     raise AssertionError(f"condition not met within {timeout} s")
-
-
-def steps_in(ckpt_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
 
 
 def assert_bitwise_equal(a, b) -> None:
