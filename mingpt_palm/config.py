@@ -178,6 +178,21 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar (on a terminal); otherwise, and with --no-progress, print one line every
     --log-interval steps."""
+    parallel: Literal["dp", "fsdp"] = "dp"
+    """How the train state is laid over the devices. dp: a whole copy of the parameters and Adam state on
+    every device (jax.pmap), each device a slice of the batch. fsdp: each parameter and its Adam moments
+    sharded along the model width over all devices of all processes (jax.jit over a device mesh), the
+    batch sliced the same way: about 1/N of the state per device, for models larger than one device's
+    memory. Both compute the same update; a run may change it when it continues."""
+    fsdp_min_bytes: int = 1 << 20
+    """Under --parallel fsdp, parameters smaller than this many bytes (norm scales, position tables) stay
+    whole on every device: sharding them saves little memory and costs a collective each."""
+    plan_devices: Optional[int] = None
+    """--print-params: plan the memory per device for this many devices instead of the visible ones."""
+    device_memory_gb: Optional[float] = None
+    """Memory per device (GB, 1e9 bytes) the run plans against before it compiles: a plan that does not fit
+    stops it with one line. Default: what the device reports (GPUs, times the fraction jax may use); CPUs
+    report none and are not checked."""
     distributed_timeout: int = 300
     """Seconds a multi-process job waits for every process to join it and to report its settings
     before giving up with an error that names the missing process."""
