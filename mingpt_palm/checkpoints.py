@@ -1,7 +1,8 @@
 """Checkpoints: orbax steps under experiments/<name>/checkpoints/, restored with fallback, written asynchronously.
 If this is your first read through, skip to `Checkpointer`: the loop calls its `on_step` and `close`.
 
-Each step holds the (unreplicated) train state and a JSON record (`meta`). orbax writes a step into a
+Each step holds the train state (one copy: each process writes its shards of a sharded one) and a JSON
+record (`meta`); a restore lays it out as its target says, whatever layout or device count saved it. orbax writes a step into a
 temporary directory and renames it when complete, so a save that is killed midway leaves a
 `*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the same way, renamed into
 checkpoints/deleted/ before they are removed, so every numbered directory is a whole checkpoint. One
@@ -112,7 +113,7 @@ def _restore(directory: Path, abstract_state, step, live, warn) -> Restored:
                 with _quiet_orbax():
                     check_shapes(reader, directory / str(s), abstract_state.params)
                     restored = reader.restore(directory / str(s), args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                        state=ocp.args.StandardRestore(_placed(abstract_state)), meta=ocp.args.JsonRestore()))
             except UserError:
                 raise
             except Exception as e:  # a damaged checkpoint can fail in many layers (json, tensorstore, zarr)
@@ -153,8 +154,26 @@ def check_shapes(reader: ocp.Checkpointer, step_dir: Path, abstract_params) -> N
 
 
 def nonfinite_leaves(state) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
-            if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
+    """The floating leaves that hold a non-finite number. A host copy is checked here; arrays on the devices
+    are checked there, shard by shard (a sharded state is never gathered for it; every process runs it)."""
+    floats = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)
+              if np.issubdtype(np.dtype(x.dtype), np.floating)]
+    if all(isinstance(x, np.ndarray) for _, x in floats):
+        return [path for path, x in floats if not np.isfinite(x).all()]
+    sharding = floats[0][1].sharding
+    whole = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+             if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=whole)(
+        [x for _, x in floats])
+    return [path for (path, _), ok in zip(floats, np.asarray(finite.addressable_data(0))) if not ok]
+
+
+def _placed(abstract):
+    """A restore target whose every leaf says where it goes: a leaf that does not is read onto this process's
+    first device. Without one, orbax would place it as it was saved, on devices that may no longer exist."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
 class Saver:
@@ -223,13 +242,14 @@ class Checkpointer:
     reach orbax's save together."""
 
     def __init__(self, directory: Path, *, interval: int, keep: int, last_step: int, start: int, seed: int,
-                 tokens_per_step: int, idle, before_save, resume_command: str):
+                 tokens_per_step: int, idle, before_save, snapshot, resume_command: str, parallel: str):
         self.directory, self.interval, self.last_step = directory, interval, last_step
-        self.meta = {"seed": seed, "tokens_per_step": tokens_per_step}
-        self.idle, self.before_save, self.resume_command = idle, before_save, resume_command
+        self.meta = {"seed": seed, "tokens_per_step": tokens_per_step, "parallel": parallel}
+        # snapshot(state): the layout's copy for a checkpoint (parallel.HostCopy or parallel.Ready)
+        self.idle, self.before_save, self.snapshot, self.resume_command = idle, before_save, snapshot, resume_command
         self.saver = Saver(directory, keep)
         self.last_saved = start  # the step of the newest checkpoint taken (the start: none taken yet)
-        self._copy: parallel.HostCopy | None = None
+        self._copy: parallel.HostCopy | parallel.Ready | None = None
         self._pending: tuple[int, dict] | None = None  # (step, meta) of the checkpoint on its way to the host
 
     def due(self, step: int) -> bool:
@@ -244,14 +264,14 @@ class Checkpointer:
     def save(self, step: int, state) -> None:
         with self.idle():
             self.finish()  # the previous save first, so that a failure is blamed on the step that failed
-            snapshot = jax.tree.map(jnp.copy, parallel.first_replica(state))
+            copy = self.snapshot(state)
             self.last_saved = step
             with self._stopping_on_a_full_disk(step):
                 self.before_save()  # the logs: a killed run's curves then reach at least its last checkpoint
-            self._copy = parallel.HostCopy(snapshot)
+            self._copy = copy
             self._pending = (step, {"step": step, "seed": self.meta["seed"],
-                                    "tokens_seen": step * self.meta["tokens_per_step"],
-                                    "devices": jax.device_count(), "processes": jax.process_count()})
+                                    "tokens_seen": step * self.meta["tokens_per_step"], "devices": jax.device_count(),
+                                    "processes": jax.process_count(), "parallel": self.meta["parallel"]})
             if jax.process_count() > 1:
                 self._hand_off(wait=True)
 

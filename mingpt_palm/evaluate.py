@@ -1,4 +1,5 @@
-"""Exact scoring: summed negative log-likelihood over windows, spread over local devices."""
+"""Exact scoring: summed negative log-likelihood over windows, spread over the devices as the layout says
+(parallel.py: every local device under dp; the sharded parameters' mesh under fsdp)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from mingpt_palm import data, distributed, parallel, sampling
 from mingpt_palm.loss import token_nll
 
 
-def make_eval_step(model, context: int | None = None):
-    """pmapped (params, tokens [D, B, L+1], weights [D, B, L]) -> per-window summed NLL [D, B].
+def make_eval_step(model, context: int | None = None, layout=parallel.DP):
+    """(params, tokens, weights) -> per-window summed NLL, compiled by the layout (dp: pmapped over
+    [D, B, ...]; fsdp: jitted over the global [B, ...]).
 
     `context`: passed to the model for windows longer than its seq_len, so that every query attends
     over its whole window rather than the training length's sliding window; None keeps the model's
@@ -28,11 +30,11 @@ def make_eval_step(model, context: int | None = None):
         nll, _ = token_nll(logits, tokens[..., 1:])  # the training loss's own code, not a copy
         return jnp.sum(nll * weights, axis=-1)
 
-    return parallel.pmap(eval_step)
+    return layout.eval_step(eval_step)
 
 
 def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_lengths: np.ndarray | None = None,
-          progress=None) -> dict:
+          progress=None, layout=parallel.DP) -> dict:
     """Score windows tokens [W, L+1] (int ids) with 0/1 weights [W, L]; batches of batch_size windows.
 
     `weights` is an array or anything whose row slices are arrays (data.SpanWeights); only one batch
@@ -52,8 +54,8 @@ def score(p_eval, rparams, tokens: np.ndarray, weights, batch_size: int, byte_le
         if len(t) < batch_size:  # pad with zero-weight windows so every batch has one shape (one compilation)
             t = np.concatenate([t, np.zeros((batch_size - len(t), t.shape[1]), t.dtype)])
             w = np.concatenate([w, np.zeros((batch_size - len(w), w.shape[1]), w.dtype)])
-        out = p_eval(rparams, parallel.shard(np.ascontiguousarray(t)), parallel.shard(w))
-        sums.append(parallel.fetch(out).astype(np.float64).reshape(-1))  # Ctrl-C is noticed between batches too
+        out = p_eval(rparams, *layout.eval_inputs(t, w))
+        sums.append(layout.eval_rows(out).astype(np.float64))  # Ctrl-C is noticed between batches too
         if progress is not None:
             progress(min(batch_size, n - start))
     nbytes = nbytes if byte_lengths is not None else count
@@ -73,8 +75,8 @@ class Validation:
 
     def __init__(self, run, micro_batch: int):
         cfg, vocab = run.cfg, run.vocab
-        self.cfg, self.vocab, self.micro_batch = cfg, vocab, micro_batch
-        self.p_eval = make_eval_step(run.built.model)
+        self.cfg, self.vocab, self.micro_batch, self.layout = cfg, vocab, micro_batch, run.layout
+        self.p_eval = make_eval_step(run.built.model, layout=run.layout)
         self.tokens = np.concatenate([
             vocab.table[data.batch(run.splits.val, cfg.seed, i, cfg.batch_size, cfg.model.seq_len, data.EVAL_STREAM)]
             for i in range(cfg.eval_batches)])
@@ -82,12 +84,14 @@ class Validation:
         self.prompt = vocab.encode(np.frombuffer(data.default_prompt(run.corpus.val, cfg.seed), np.uint8))
 
     def __call__(self, rparams, step: int, log) -> None:
-        result = score(self.p_eval, rparams, self.tokens, self.weights, self.micro_batch, self.vocab.byte_lengths)
+        result = score(self.p_eval, rparams, self.tokens, self.weights, self.micro_batch, self.vocab.byte_lengths,
+                       layout=self.layout)
         # val/bpc is bits per byte for every vocabulary (for byte and char ids the same as per token).
         log.scalars(step, {"val/loss": result["loss"], "val/bpc": result["bits_per_byte"],
                            "val/bits_per_token": result["bits_per_token"]})
-        if self.cfg.sample_length and log.writer:
-            ids = sampling.generate(parallel.first_replica(rparams), self.cfg.model, self.prompt,
+        # Sharded parameters: every process takes part in the sampling; only the main one writes it down.
+        if self.cfg.sample_length and (log.writer or (self.layout.collective_sampling and jax.process_count() > 1)):
+            ids = sampling.generate(self.layout.one_copy(rparams), self.cfg.model, self.prompt,
                                     self.cfg.sample_length, jax.random.PRNGKey(step), temperature=0.8)
             text = (self.vocab.decode(self.prompt) + self.vocab.decode(ids[0])).decode("utf-8", errors="replace")
             log.text(step, "samples/val_prompt", "    " + text.replace("\n", "\n    "))

@@ -1,9 +1,7 @@
-"""How the train state and the batches are laid over the devices; every pmap detail lives here.
-
-Parameters and optimizer state are replicated on each local device; each device takes an equal
-slice of the batch, and gradients and metrics are averaged with `pmean` over AXIS. A later
-jit + sharding path (FSDP) replaces this module and nothing else. How several processes form one
-job is distributed.py's.
+"""How the train state and the batches are laid over the devices: the one seam between --parallel dp
+(`Replicated`, here: every pmap detail lives in this module) and --parallel fsdp (fsdp.Sharded). The
+loop, the step, the checkpoints and evaluation ask a layout (`make`) and never which one it is. How
+several processes form one job is distributed.py's.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mingpt_palm.errors import UserError
@@ -90,26 +89,6 @@ def steps_in_flight() -> int:
     return 1 if jax.default_backend() == "cpu" else 3
 
 
-def device_index():
-    """This device's index among all devices of all processes (the order `shard` and get_batch's
-    per-process slices lay the global batch out in); call inside a function given to `pmap`."""
-    return jax.lax.axis_index(AXIS)
-
-
-def pmean(tree):
-    """Average over all devices of all processes; call inside a function given to `pmap`."""
-    return jax.lax.pmean(tree, AXIS)
-
-
-def psum(tree):
-    return jax.lax.psum(tree, AXIS)
-
-
-def pany(flag):
-    """True on every device if it is true on any device of any process."""
-    return jax.lax.pmax(flag.astype(np.int32), AXIS) > 0
-
-
 def pmap(fn, donate_state: bool = False):
     """pmap over the local devices with AXIS bound; optionally donate argument 0 (the train state).
 
@@ -142,3 +121,98 @@ class HostCopy:
         if self._error is not None:
             raise self._error
         return self._out
+
+
+class Ready:
+    """A snapshot already where orbax takes it from (sharded on the devices): orbax copies each process's
+    shards to its host itself, so nothing gathers the whole state anywhere."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.tree
+
+
+class Replicated:
+    """--parallel dp: a whole copy of the state on every local device, jax.pmap over AXIS; each device
+    takes an equal slice of the batch, and gradients and metrics are averaged with pmean.
+
+    Every layout (this one, fsdp.Sharded) answers the same questions: inside the step, `mean`, `any`,
+    `rows` and `like_params`; on the host, where the state and the batches go and how results come back.
+    """
+
+    name = "dp"
+    collective_sampling = False  # sampling runs on one device of the main process only
+
+    # --- inside the step (traced under pmap) ---
+    def mean(self, tree):
+        """Average over all devices of all processes."""
+        return jax.lax.pmean(tree, AXIS)
+
+    def any(self, flag):
+        """True on every device if it is true on any device of any process."""
+        return jax.lax.pmax(flag.astype(np.int32), AXIS) > 0
+
+    def rows(self, k: int, b: int):
+        """[k, b]: the global-batch row of each of this device's k micro-batches of b sequences (the order
+        `shard_micro_batches` and get_batch's per-process slices lay the global batch out in)."""
+        return jax.lax.axis_index(AXIS) * k * b + jnp.arange(k * b).reshape(k, b)
+
+    def like_params(self, tree):
+        return tree
+
+    # --- on the host ---
+    def init(self, fn, *args):
+        """fn(*args) computed on one device (the loop replicates it with `place`)."""
+        return jax.jit(fn)(*args)
+
+    def restore_target(self, abstract):
+        """Where a restore puts the state: the first local device (the loop replicates it)."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+
+    def place_state(self, state):
+        return replicate(state)
+
+    def place(self, tree):
+        return replicate(tree)
+
+    def compile(self, step):
+        return pmap(step, donate_state=True)
+
+    def batch(self, raw: np.ndarray, accum: int):
+        return shard_micro_batches(raw, accum)
+
+    def stop_flags(self, flag: bool):
+        return np.full(jax.local_device_count(), flag)
+
+    def read(self, tree):
+        """A host copy of a result every device holds alike (status, metrics, the step)."""
+        return unreplicate(tree)
+
+    def snapshot(self, state):
+        """A copy for a checkpoint: on the device first (the next step may overwrite donated buffers), then to
+        the host on a background thread."""
+        return HostCopy(jax.tree.map(jnp.copy, first_replica(state)))
+
+    def one_copy(self, params):
+        """Parameters a sampler can take (one device's)."""
+        return first_replica(params)
+
+    # --- evaluation: (params, tokens [B, L+1], weights [B, L]) -> per-window sums [B] ---
+    def eval_step(self, fn):
+        return pmap(fn)
+
+    def eval_inputs(self, tokens: np.ndarray, weights: np.ndarray):
+        return shard(np.ascontiguousarray(tokens)), shard(weights)
+
+    def eval_rows(self, out) -> np.ndarray:
+        return fetch(out).reshape(-1)
+
+
+DP = Replicated()
+

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mingpt_palm import checkpoints, data, parallel, settings
+from mingpt_palm import checkpoints, data, fsdp, parallel, settings
 from mingpt_palm import vocab as vocab_lib
 from mingpt_palm.config import ModelConfig, TrainConfig
 from mingpt_palm.errors import UserError
@@ -111,7 +111,8 @@ class Run:
     vocab: Any
     splits: Splits
     built: Built
-    state: TrainState  # on the host: restored, taken from another experiment, or new
+    layout: Any  # how the state lies on the devices (--parallel): parallel.Replicated or fsdp.Sharded
+    state: TrainState  # as the layout holds it before the loop places it: restored, taken from another experiment, or new
     recorded: TrainConfig | None  # the settings of the continued run's last start (None for a new run)
     notes: tuple = ()  # start-up lines particular to this start
     init: dict | None = None  # --init-from: the experiment (absolute path) and step the parameters came from
@@ -119,7 +120,7 @@ class Run:
 
     @property
     def start(self) -> int:
-        return int(self.state.step)
+        return int(self.state.step.addressable_data(0))  # a scalar every device of the layout holds alike
 
 
 def begin(cfg: TrainConfig) -> Run:
@@ -162,8 +163,9 @@ def _new(cfg: TrainConfig, exp: Experiment) -> Run:
         print(f"tokenizer: learning {cfg.data.vocab_size:,} sentencepiece {cfg.data.sp_model_type} pieces from the "
               "train split", flush=True)
     vocab = vocab_lib.build(cfg.data, corpus.train, cfg.seed)
-    run_cfg, splits, built = _settle(cfg, exp, None, corpus, vocab)
-    return Run(run_cfg, "new", exp, corpus, fingerprint, vocab, splits, built, _initialise(built, run_cfg), None)
+    run_cfg, splits, built, layout = _settle(cfg, exp, None, corpus, vocab)
+    return Run(run_cfg, "new", exp, corpus, fingerprint, vocab, splits, built, layout,
+               _initialise(built, layout, run_cfg), None)
 
 
 def _finetune(cfg: TrainConfig, exp: Experiment) -> Run:
@@ -178,28 +180,29 @@ def _finetune(cfg: TrainConfig, exp: Experiment) -> Run:
                         "and remat may differ); leave those flags out")
     corpus, fingerprint = _corpus(cfg, exp, None)
     vocab = source_exp.read_vocab(source.model.num_tokens)
-    run_cfg, splits, built = _settle(cfg, exp, None, corpus, vocab)
+    run_cfg, splits, built, layout = _settle(cfg, exp, None, corpus, vocab)
     # Read whole: the source's optimizer decides its state's layout (dropped); its parameters have our shapes.
-    restored = checkpoints.restore(source_exp.checkpoint_dir,
-                                   build(dataclasses.replace(source, model=run_cfg.model)).abstract, warn=warn)
-    fresh = jax.jit(lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=built.tx.init(p),
-                                         skipped=jnp.int32(0)))(restored.state.params)
+    source_state = build(dataclasses.replace(source, model=run_cfg.model)).abstract
+    restored = checkpoints.restore(source_exp.checkpoint_dir, layout.restore_target(source_state), warn=warn)
+    fresh = layout.init(lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=built.tx.init(p),
+                                             skipped=jnp.int32(0)), restored.state.params)
     init = {"experiment": str(source_exp.path.resolve()), "step": restored.step}
     note = (f"init: parameters from {source_exp.path} step {restored.step} (step 0 here, fresh optimizer and "
             f"schedule){_unknown_note(vocab, corpus)}")
-    return Run(run_cfg, "finetune", exp, corpus, fingerprint, vocab, splits, built, jax.block_until_ready(fresh),
-               None, (note,), init=init)
+    return Run(run_cfg, "finetune", exp, corpus, fingerprint, vocab, splits, built, layout,
+               jax.block_until_ready(fresh), None, (note,), init=init)
 
 
 def _resume(cfg: TrainConfig, exp: Experiment) -> Run:
     saved, recorded = _saved(exp)
     corpus, fingerprint = _corpus(cfg, exp, exp.read_corpus())
     vocab = exp.read_vocab(saved.model.num_tokens)
-    run_cfg, splits, built = _settle(cfg, exp, saved, corpus, vocab)
-    restored = checkpoints.restore(exp.checkpoint_dir, built.abstract, cfg.restore_step, warn=warn)
+    run_cfg, splits, built, layout = _settle(cfg, exp, saved, corpus, vocab)
+    restored = checkpoints.restore(exp.checkpoint_dir, layout.restore_target(built.abstract), cfg.restore_step,
+                                   warn=warn)
     newer = [s for s in exp.checkpoint_steps() if s > restored.step and s not in restored.damaged]
     notes = _resume_notes(run_cfg, recorded, restored.state, restored.meta)
-    return Run(run_cfg, "resume", exp, corpus, fingerprint, vocab, splits, built, restored.state, recorded,
+    return Run(run_cfg, "resume", exp, corpus, fingerprint, vocab, splits, built, layout, restored.state, recorded,
                tuple(notes), set_aside={"damaged": list(restored.damaged), "superseded": newer})
 
 
@@ -208,15 +211,15 @@ def _restart(cfg: TrainConfig, exp: Experiment) -> Run:
     saved, recorded = _saved(exp)
     corpus, fingerprint = _corpus(cfg, exp, exp.read_corpus())
     vocab = exp.read_vocab(saved.model.num_tokens)
-    run_cfg, splits, built = _settle(cfg, exp, saved, corpus, vocab)
+    run_cfg, splits, built, layout = _settle(cfg, exp, saved, corpus, vocab)
     incomplete = checkpoints.incomplete(exp.checkpoint_dir)
     cut = f" (its save of {incomplete[0].split('.')[0]} was cut short)" if incomplete else ""
     kept = ("nothing to keep but its TensorBoard logs, which this run replaces"
             if exp.tb_dir.is_dir() and any(exp.tb_dir.iterdir()) else "nothing to keep")
     note = (f"restart: {exp.path} has no complete checkpoint yet{cut}: starting it over from step 0 with its saved "
             f"settings (the earlier attempt had {kept})")
-    return Run(run_cfg, "restart", exp, corpus, fingerprint, vocab, splits, built, _initialise(built, run_cfg),
-               recorded, (note,))
+    return Run(run_cfg, "restart", exp, corpus, fingerprint, vocab, splits, built, layout,
+               _initialise(built, layout, run_cfg), recorded, (note,))
 
 
 # --- what the modes share --------------------------------------------------------------------------
@@ -236,7 +239,8 @@ def _corpus(cfg: TrainConfig, exp: Experiment, expect: dict | None):
 
 
 def _settle(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, corpus, vocab):
-    """(the settings as this run saves them, the splits batches are cut from, the model and optimizer)."""
+    """(the settings as this run saves them, the splits batches are cut from, the model and optimizer, the
+    layout of its state on the devices)."""
     fractions = "" if corpus.registered and corpus.registered.split_bytes else (
         f", smaller --data.val-fraction/--data.test-fraction (now {cfg.data.val_fraction} + {cfg.data.test_fraction} "
         "of the file)")
@@ -256,13 +260,16 @@ def _settle(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, corpus
         vocab_size=vocab.size, train_tokens=len(streams["train"]), by_content=saved is not None, where=str(exp.path))
     parallel.check_batch(run_cfg.batch_size, run_cfg.grad_accum_steps)
     attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
-    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), build(run_cfg)
+    built = build(run_cfg)
+    layout = parallel.DP if run_cfg.parallel == "dp" else fsdp.Sharded(built.abstract, run_cfg.model.dim,
+                                                                      run_cfg.fsdp_min_bytes)
+    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), built, layout
 
 
-def _initialise(built: Built, cfg: TrainConfig) -> TrainState:
+def _initialise(built: Built, layout, cfg: TrainConfig) -> TrainState:
     # Wait on every leaf: reading one output (the step) of a computation whose other output could not be
     # allocated hangs forever on the CPU backend, while waiting on that output raises RESOURCE_EXHAUSTED.
-    return jax.block_until_ready(jax.jit(partial(init_state, built.model, built.tx, cfg))())
+    return jax.block_until_ready(layout.init(partial(init_state, built.model, built.tx, cfg)))
 
 
 def _unknown_note(vocab, corpus) -> str:
@@ -284,10 +291,12 @@ def _resume_notes(cfg: TrainConfig, recorded: TrainConfig, state, meta: dict) ->
                      f"{recorded.max_steps:,}; learning rate of the next step {before:.4g} -> {after:.4g}")
     if recorded.dataset_path != cfg.dataset_path:
         notes.append(f"corpus: {cfg.dataset_path} (moved from {recorded.dataset_path}; same size and sha256)")
-    if meta.get("devices") not in (None, jax.device_count()):
-        notes.append(f"devices: {jax.device_count()} now, {meta['devices']} when step {start} was saved: the data "
-                     "order is unchanged (a batch depends only on seed and step), but gradients are summed in another "
-                     "order, so numbers agree with an uninterrupted run to float rounding, not bit for bit")
+    then, now = (meta.get("devices"), meta.get("parallel", "dp")), (jax.device_count(), cfg.parallel)
+    if then[0] is not None and then != now:
+        notes.append(f"devices: {now[0]} under --parallel {now[1]} now, {then[0]} under {then[1]} when step {start} was "
+                     "saved: the data order is unchanged (a batch depends only on seed and step), but gradients are "
+                     "summed in another order, so numbers agree with an uninterrupted run to float rounding, not bit "
+                     "for bit")
     return notes
 
 

@@ -60,7 +60,7 @@ class Trainer:
     """One run's loop (steps in flight and the on-device halt: the module's first paragraph) and its periodic work."""
 
     def __init__(self, run: start.Run):
-        self.run, cfg, self.exp = run, run.cfg, run.exp
+        self.run, cfg, self.exp, self.layout = run, run.cfg, run.exp, run.layout
         self.accum, self.depth = cfg.grad_accum_steps, parallel.steps_in_flight()
         self.local_batch = parallel.check_batch(cfg.batch_size, self.accum)
         self.log = Logger(start=run.start, total=cfg.max_steps, tokens_per_step=cfg.batch_size * cfg.model.seq_len,
@@ -68,15 +68,15 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.exp.checkpoint_dir, interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints,
             last_step=cfg.max_steps, start=run.start, seed=cfg.seed, tokens_per_step=cfg.batch_size * cfg.model.seq_len,
-            idle=self.idle, before_save=self.log.flush, resume_command=self.exp.command("train_char.py",
-                                                                                       "--restore-checkpoint"))
+            idle=self.idle, before_save=self.log.flush, snapshot=self.layout.snapshot, parallel=self.layout.name,
+            resume_command=self.exp.command("train_char.py", "--restore-checkpoint"))
         self.validation = evaluate.Validation(run, micro_batch=self.local_batch // self.accum) \
             if cfg.eval_interval else None
-        self.state, self.control = parallel.replicate(run.state), parallel.replicate(Control.start())
-        self.p_step = parallel.pmap(partial(
+        self.state, self.control = self.layout.place_state(run.state), self.layout.place(Control.start())
+        self.p_step = self.layout.compile(partial(
             train_step, model=run.built.model, tx=run.built.tx, schedule=run.built.schedule, z_loss=cfg.model.z_loss,
             table=jnp.asarray(run.vocab.table), byte_lengths=jnp.asarray(run.vocab.byte_lengths),
-            max_nonfinite=cfg.max_nonfinite_steps, seed=cfg.seed), donate_state=True)
+            max_nonfinite=cfg.max_nonfinite_steps, seed=cfg.seed, layout=self.layout))
         self.pending: list = []  # (step, status, metrics) dispatched, not yet read
         self.stepped = self.halted = self.stop_agreed = False
         self.last_evaluated, self.read_at = -1, time.perf_counter()
@@ -84,7 +84,7 @@ class Trainer:
     def make_batch(self, step: int) -> np.ndarray:
         cfg = self.run.cfg
         raw = data.batch(self.run.splits.train, cfg.seed, step, cfg.batch_size, cfg.model.seq_len)
-        return parallel.shard_micro_batches(raw, self.accum)
+        return self.layout.batch(raw, self.accum)
 
     def loop(self) -> int:
         cfg = self.run.cfg
@@ -108,7 +108,7 @@ class Trainer:
         cfg = self.run.cfg
         self.dispatched_at = time.perf_counter()
         for step in range(self.run.start, cfg.max_steps):
-            stopping = np.full(jax.local_device_count(), stop.signum is not None)
+            stopping = self.layout.stop_flags(stop.signum is not None)
             self.state, self.control, status, metrics = self.p_step(
                 self.state, self.control, batches.get(step), stopping)
             self.pending.append((step + 1, status, metrics))
@@ -125,7 +125,7 @@ class Trainer:
                 self.evaluate(done)
             self.checkpoints.on_step(done, self.state)
         self.complete(keep=0)
-        final = int(parallel.unreplicate(self.state.step))
+        final = int(self.layout.read(self.state.step))
         if self.stop_agreed and self.checkpoints.last_saved != final:
             self.checkpoints.save(final, self.state)
         elif cfg.eval_interval and self.last_evaluated != final and not self.stop_agreed:
@@ -142,7 +142,7 @@ class Trainer:
         """Host-side bookkeeping for a finished step: its status always, its metrics when it is logged."""
         jax.block_until_ready(status)  # every local device: a pending all-reduce is over
         self.read_at = time.perf_counter()
-        s = dict(zip(STATUS, parallel.unreplicate(status).tolist()))
+        s = dict(zip(STATUS, self.layout.read(status).tolist()))
         self.stepped = True
         if self.halted:
             return  # dispatched after the step that halted the run: it changed nothing
@@ -159,7 +159,7 @@ class Trainer:
                  f"update skipped ({int(s['bad_in_row'])} in a row)")
         # The step that ends the run is logged too, so the curves show the skips that stopped it.
         if step % cfg.log_interval == 0 or step == cfg.max_steps or give_up:
-            self.log.log(step, {k: v.item() for k, v in parallel.unreplicate(metrics).items()}, self.read_at)
+            self.log.log(step, {k: v.item() for k, v in self.layout.read(metrics).items()}, self.read_at)
         if give_up:
             last = self.checkpoints.last_saved
             saved = (f"checkpoint step {last} in {self.exp.checkpoint_dir} holds the last good parameters" if last
