@@ -77,6 +77,7 @@ class Sharded:
     name = "fsdp"
     # Every process must take part in a computation on sharded parameters, sampling included.
     collective_sampling = True
+    batch_axis = AXIS  # the per-sequence vmap (dropout) keeps sequences split over the devices
 
     def __init__(self, abstract, dim: int, min_bytes: int):
         self.mesh, self.dim, self.min_bytes = mesh(), dim, min_bytes
@@ -127,8 +128,22 @@ class Sharded:
 
     def compile(self, step):
         donate = (0,) if jax.default_backend() != "cpu" else ()  # the CPU backend cannot donate
-        return jax.jit(step, in_shardings=(self.state, self.whole, self.micro, self.flags),
-                       out_shardings=(self.state, self.whole, self.whole, self.whole), donate_argnums=donate)
+        return self._in_mesh(jax.jit(step, in_shardings=(self.state, self.whole, self.micro, self.flags),
+                                     out_shardings=(self.state, self.whole, self.whole, self.whole),
+                                     donate_argnums=donate))
+
+    def _in_mesh(self, fn):
+        """fn traced (and run) with the mesh set: the model's activation hints (layers.along_batch) need it."""
+        def run(*args):
+            with jax.set_mesh(self.mesh):
+                return fn(*args)
+
+        run.lower = lambda *args: self._lowered(fn, *args)
+        return run
+
+    def _lowered(self, fn, *args):
+        with jax.set_mesh(self.mesh):
+            return fn.lower(*args)
 
     def batch(self, raw: np.ndarray, accum: int):
         """This process's rows [local_batch, L+1] -> the global [k, B, L+1]: dp's per-device micro-batches
@@ -155,7 +170,8 @@ class Sharded:
 
     # --- evaluation ---
     def eval_step(self, fn):
-        return jax.jit(fn, in_shardings=(self.state.params, self.flags, self.flags), out_shardings=self.flags)
+        return self._in_mesh(jax.jit(fn, in_shardings=(self.state.params, self.flags, self.flags),
+                                     out_shardings=self.flags))
 
     def eval_inputs(self, tokens: np.ndarray, weights: np.ndarray):
         n = jax.process_count()

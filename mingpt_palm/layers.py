@@ -19,6 +19,22 @@ from mingpt_palm.errors import UserError
 # --- norms ------------------------------------------------------------------------------------
 
 
+BATCH_AXIS = "data"  # the mesh axis --parallel fsdp lays the batch (and the parameters' width) along
+
+
+def along_batch(x: jax.Array) -> jax.Array:
+    """x [batch, tokens, dim] kept split by sequence over the mesh's data axis, whole along tokens and dim,
+    when the step runs over a mesh (--parallel fsdp sets one around tracing). Without this hint XLA may
+    follow the parameters' split and cut activations along dim (tensor-parallel all-reduces) where FSDP
+    gathers each weight instead. A no-op without a mesh (pmap, sampling, tests). Under the step's per-
+    sequence vmap x is [tokens, dim] and vmap's spmd_axis_name adds the batch axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+        return x
+    spec = (BATCH_AXIS, None, None) if x.ndim == 3 else (None,) * x.ndim
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def norm(kind: str, name: str) -> nn.Module:
     """layernorm: PaLM's (scale only, no bias). layernorm_bias: GPT-2's. rmsnorm: PaLM-lite's (scale
     only, no mean subtraction). Always float32: a bfloat16 variance loses the small features."""

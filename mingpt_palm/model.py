@@ -250,7 +250,7 @@ class PaLM(nn.Module):
                          name="embed")
         x = embed(tokens).astype(jnp.float32) + self._absolute_positions(positions, scheme)
         drop = _dropout(cfg, deterministic)
-        x = drop(x) if drop else x
+        x = layers.along_batch(drop(x) if drop else x)
 
         if cache is None:
             key_positions, new_cache = positions, None
@@ -272,6 +272,7 @@ class PaLM(nn.Module):
         for i in range(cfg.depth):
             layer_cache = None if cache is None else cache["layers"][i]
             x, layer_cache = block(cfg, name=f"block_{i}")(x, ctx, layer_cache)
+            x = layers.along_batch(x)
             if cache is not None:
                 new_cache["layers"].append(layer_cache)
 

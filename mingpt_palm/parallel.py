@@ -147,6 +147,7 @@ class Replicated:
 
     name = "dp"
     collective_sampling = False  # sampling runs on one device of the main process only
+    batch_axis = None  # pmap gives each device its own sequences already
 
     # --- inside the step (traced under pmap) ---
     def mean(self, tree):

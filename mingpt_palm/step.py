@@ -39,13 +39,13 @@ class Control:
         return cls(bad_in_row=jnp.int32(0), halted=jnp.bool_(False))
 
 
-def _grads(params, tokens, model, z_loss, keys=None):
+def _grads(params, tokens, model, z_loss, keys=None, batch_axis=None):
     def loss_fn(p):
         if keys is None:
             logits, _ = model.apply({"params": p}, tokens[:, :-1])
         else:  # a dropout key per sequence: the masks do not depend on how the batch was split
             apply = lambda t, k: model.apply({"params": p}, t, deterministic=False, rngs={"dropout": k})[0]  # noqa: E731
-            logits = jax.vmap(apply)(tokens[:, :-1], keys)
+            logits = jax.vmap(apply, spmd_axis_name=batch_axis)(tokens[:, :-1], keys)
         return cross_entropy(logits, tokens[:, 1:], z_loss)
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -57,11 +57,11 @@ def accumulated_grads(params, tokens, model, z_loss, keys=None, layout=parallel.
     None): a scan, so the k backward passes share one compiled body and the activations of one
     micro-batch live at a time. The carry is laid out like the parameters (sharded under fsdp)."""
     if tokens.shape[0] == 1:
-        return _grads(params, tokens[0], model, z_loss, None if keys is None else keys[0])
+        return _grads(params, tokens[0], model, z_loss, None if keys is None else keys[0], layout.batch_axis)
 
     def body(total, micro):
         tokens, keys = micro
-        grads, metrics = _grads(params, tokens, model, z_loss, keys)
+        grads, metrics = _grads(params, tokens, model, z_loss, keys, layout.batch_axis)
         return layout.like_params(jax.tree.map(jnp.add, total, grads)), metrics
 
     zeros = layout.like_params(jax.tree.map(jnp.zeros_like, params))
