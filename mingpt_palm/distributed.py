@@ -1,9 +1,11 @@
 """How several processes form one job, agree before they start, and notice when one of them dies. If
 this is your first read through, skip this file: a single process (the usual case) uses none of it.
 
-jax.distributed forms the job from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; the
-coordination service's key-value store carries our own messages (settings, barriers, failures,
-heartbeats), because a wait on it has a timeout where a collective has none.
+jax.distributed forms the job from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or from
+the environment srun (SLURM) or mpirun (Open MPI) gives each process (launch.py: which launcher wins, and
+why each process drives all devices of its node); the coordination service's key-value store carries our
+own messages (settings, barriers, failures, heartbeats), because a wait on it has a timeout where a
+collective has none.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import time
 import jax
 import numpy as np
 
-from mingpt_palm import errors
+from mingpt_palm import errors, launch
 from mingpt_palm.errors import UserError
 from mingpt_palm.logs import StdoutWithoutGloo
 
 
 def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
-    """Join a multi-process job when the launcher says so (JAX_COORDINATOR_ADDRESS and friends).
+    """Join a multi-process job when a launcher says so: JAX_COORDINATOR_ADDRESS and friends, srun (SLURM) or
+    mpirun (Open MPI); launch.py says which wins, where the coordinator is and which devices each process
+    drives (all of its node's when it is alone there).
 
     A single process (the usual case) needs nothing and skips this. A process that cannot form the job
     within timeout_s gives up with one line that says who is missing, instead of waiting forever. jax's
@@ -33,41 +37,49 @@ def initialize(timeout_s: int = 300, peer_timeout_s: int = 60) -> None:
     after every wait of ours (timeout_s, and PeerWatch's peer_timeout_s) has spoken.
     """
     # Must run before anything touches a JAX backend (jax.process_count() would).
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address or jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
         return
-    n, me = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    job = launch.detect(os.environ)
+    if job is None:
+        return
     joined = threading.Event()
-
-    def give_up() -> None:
-        # When its own timeout expires, XLA aborts the process with a C++ stack trace, which no Python code
-        # can catch: this watchdog speaks first (the call releases the GIL while it waits).
-        if joined.wait(timeout_s):
-            return
-        if me == 0:
-            who = f"not every one of processes 1-{n - 1} joined at {address}"
-        else:
-            host, _, port = address.rpartition(":")
-            try:
-                socket.create_connection((host, int(port)), timeout=2).close()
-                who = f"process 0 (the coordinator, at {address}) answers, but not every process joined"
-            except OSError:
-                who = f"process 0 (the coordinator, at {address}) is not answering"
-        print(f"error: process {me} of {n} could not form the job within {timeout_s} s: {who}; start all {n} "
-              "processes with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, or raise --distributed-timeout",
-              file=sys.stderr, flush=True)
-        errors.exit_now(2)
-
-    threading.Thread(target=give_up, daemon=True).start()
+    threading.Thread(target=_give_up, args=(job, timeout_s, joined), daemon=True).start()
     try:
-        with _coordinator_in_a_child_process(grace_s=peer_timeout_s + 30):
-            jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=me,
+        with _coordinator_in_a_child_process(grace_s=peer_timeout_s + 30, job=job):
+            # Detection off: jax's own would give each process of an srun or mpirun job one device (launch.py).
+            jax.distributed.initialize(coordinator_address=job.address, num_processes=job.num_processes,
+                                       process_id=job.process_id, local_device_ids=job.local_device_ids,
+                                       cluster_detection_method="deactivate",
                                        initialization_timeout=timeout_s + 60,
                                        heartbeat_timeout_seconds=max(timeout_s, peer_timeout_s) + 60)
     finally:
         joined.set()
     if jax.default_backend() == "cpu":
         StdoutWithoutGloo()
+
+
+def _give_up(job: launch.Launch, timeout_s: int, joined: threading.Event) -> None:
+    # When its own timeout expires, XLA aborts the process with a C++ stack trace, which no Python code
+    # can catch: this watchdog speaks first (the call releases the GIL while it waits).
+    if joined.wait(timeout_s):
+        return
+    n, me = job.num_processes, job.process_id
+    at = f"{job.address}: {job.origin}" if job.origin else job.address
+    if me == 0:
+        where = f"{job.address} ({job.origin})" if job.origin else job.address
+        who = (f"process 1 did not join at {where}" if n == 2 else
+               f"not every one of processes 1-{n - 1} joined at {where}")
+    else:
+        host, _, port = job.address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            who = f"process 0 (the coordinator, at {at}) answers, but not every process joined"
+        except OSError:
+            who = f"process 0 (the coordinator, at {at}) is not answering"
+    task = "" if job.launcher == "JAX_COORDINATOR_ADDRESS" else f" ({job.launcher})"
+    print(f"error: process {me} of {n}{task} could not form the job within {timeout_s} s: {who}; {job.hint}, "
+          "or raise --distributed-timeout", file=sys.stderr, flush=True)
+    errors.exit_now(2)
 
 
 # jax's coordination service, run by a child of process 0 rather than inside it: when process 0 dies
@@ -96,7 +108,7 @@ service.shutdown()
 class _CoordinatorProcess:
     """Stands in for the service object jax keeps; `shutdown` ends the child cleanly."""
 
-    def __init__(self, address: str, num_nodes: int, grace_s: int, heartbeat_timeout: int = 100,
+    def __init__(self, address: str, num_nodes: int, grace_s: int, port_hint: str, heartbeat_timeout: int = 100,
                  shutdown_timeout: int = 300, **_):
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVE, address, str(num_nodes), str(heartbeat_timeout), str(shutdown_timeout),
@@ -105,7 +117,7 @@ class _CoordinatorProcess:
         if line != "ready":
             self.proc.wait()
             raise UserError(f"process 0 could not start the job's coordinator at {address}: "
-                            f"{line.removeprefix('error: ') or 'it exited'}; is the port in use?")
+                            f"{line.removeprefix('error: ') or 'it exited'}; is the port in use?{port_hint}")
 
     def shutdown(self) -> None:
         self.proc.stdin.write("shutdown\n")
@@ -114,7 +126,7 @@ class _CoordinatorProcess:
 
 
 @contextlib.contextmanager
-def _coordinator_in_a_child_process(grace_s: int):
+def _coordinator_in_a_child_process(grace_s: int, job: launch.Launch):
     from jax._src import distributed
 
     lib = getattr(distributed, "_jax", None)
@@ -122,8 +134,11 @@ def _coordinator_in_a_child_process(grace_s: int):
         yield
         return
     original = lib.get_distributed_runtime_service
+    # The port of srun's or mpirun's coordinator comes from the job id, the same for every job whose id is
+    # the same modulo 4096 (launch.py): another job on this node may hold it.
+    port_hint = " (by another job on this node? JAX_COORDINATOR_PORT chooses another)" if job.origin else ""
     lib.get_distributed_runtime_service = lambda address, num_nodes, **kw: _CoordinatorProcess(
-        address, num_nodes, grace_s, **kw)
+        address, num_nodes, grace_s, port_hint, **kw)
     try:
         yield
     finally:
