@@ -151,14 +151,21 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def load_state(exp_dir: Path, step: int | None = None) -> dict:
-    """The saved train state of a checkpoint (the newest when step is None), as a plain tree."""
+def load_state(exp_dir: Path, step: int | None = None, step_dir: Path | None = None) -> dict:
+    """The saved train state of a checkpoint (the newest when step is None, or the one in step_dir), as a
+    plain tree on one device, whatever layout and device count saved it."""
+    import jax
     import orbax.checkpoint as ocp
 
-    ckpt = exp_dir / "checkpoints"
-    step = step if step is not None else max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    if step_dir is None:
+        ckpt = exp_dir / "checkpoints"
+        step = step if step is not None else max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+        step_dir = ckpt / str(step)
+    path = (step_dir / "state").absolute()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as c:
-        return c.restore((ckpt / str(step) / "state").absolute())
+        saved = c.metadata(path).item_metadata
+        return c.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved))
 
 
 def leaves(tree) -> list:
