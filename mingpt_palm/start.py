@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mingpt_palm import checkpoints, data, parallel, settings
+from mingpt_palm import checkpoints, data, memory, parallel, settings
 from mingpt_palm import vocab as vocab_lib
 from mingpt_palm.config import ModelConfig, TrainConfig
 from mingpt_palm.errors import UserError
@@ -256,7 +256,9 @@ def _settle(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, corpus
         vocab_size=vocab.size, train_tokens=len(streams["train"]), by_content=saved is not None, where=str(exp.path))
     parallel.check_batch(run_cfg.batch_size, run_cfg.grad_accum_steps)
     attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
-    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), build(run_cfg)
+    built = build(run_cfg)
+    memory.check_fits(run_cfg, built.abstract, jax.device_count())  # one line now, not an OOM after compiling
+    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), built
 
 
 def _initialise(built: Built, cfg: TrainConfig) -> TrainState:
