@@ -147,8 +147,10 @@ class TrainConfig:
     """A named size from the papers (mingpt_palm/presets.py) as the model's defaults; --model.X flags given
     beside it still win. A run sets the vocabulary size from its corpus all the same."""
     print_params: bool = False
-    """Dry run: print the model's parameter count, the bytes its parameters and Adam state need and its
-    training FLOPs per token, from shapes alone (nothing is allocated, no corpus read, nothing written)."""
+    """Dry run: print the model's parameter count, the bytes its parameters and Adam state need, its
+    training FLOPs per token and the memory plan per device (parameters, gradients, Adam state and
+    activations under --parallel over --plan-devices), from shapes alone (nothing is allocated, no corpus
+    read, nothing written)."""
     batch_size: int = 32
     """Global batch in sequences per optimizer step, split evenly over all devices of all processes."""
     grad_accum_steps: int = 1

@@ -6,6 +6,9 @@ parameters of every matmul a token goes through: every dense kernel plus vocab x
 head (the input lookup, position tables, norms and biases are no matmul); L depth, H heads, Q
 dim_head, T seq_len, attention counted over the whole T x T square as in the paper. Model FLOPs,
 not hardware FLOPs: rematerialisation is not counted. benchmarks/bench_train.py uses the same count.
+
+It also prints the memory plan per device (memory.py) for --parallel over --plan-devices or the visible
+devices, and whether it fits a known device memory (--device-memory-gb, a GPU's).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from mingpt_palm import presets
+from mingpt_palm import memory, presets
 from mingpt_palm.config import ModelConfig, TrainConfig
+from mingpt_palm.errors import UserError
+from mingpt_palm.model import compute_dtype
 from mingpt_palm.settings import validate_train
 from mingpt_palm.state import build
 
@@ -67,9 +72,10 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
-def sizes(cfg: TrainConfig) -> dict:
-    """The figures of cfg's model and optimizer, from jax.eval_shape of their initialisation."""
-    abstract = build(cfg).abstract
+def sizes(cfg: TrainConfig, abstract=None) -> dict:
+    """The figures of cfg's model and optimizer, from jax.eval_shape of their initialisation (`abstract`:
+    state.build(cfg).abstract, if at hand)."""
+    abstract = build(cfg).abstract if abstract is None else abstract
     dense, head, other = matmul_params(abstract.params)
     param_bytes, adam_bytes = nbytes(abstract.params), nbytes(abstract.opt_state)
     return {"params": dense + head + other, "matmul_params": dense + head, "param_bytes": param_bytes,
@@ -105,7 +111,8 @@ def print_params(cfg: TrainConfig, continued: bool = False) -> int:
     validate_train(cfg)
     cfg, vocab = dry_run_vocabulary(cfg, continued)
     m, preset = cfg.model, presets.PRESETS.get(cfg.preset)
-    s = sizes(cfg)
+    abstract = build(cfg).abstract
+    s = sizes(cfg, abstract)
     name = f"preset {cfg.preset}: {preset.source}; " if preset else ""
     print(f"model: {name}variant {m.variant}, dim {m.dim:,}, depth {m.depth}, heads {m.heads} x {m.dim_head}, "
           f"ff_mult {m.ff_mult}, seq_len {m.seq_len:,}, vocabulary {vocab}")
@@ -120,5 +127,34 @@ def print_params(cfg: TrainConfig, continued: bool = False) -> int:
           f"({human_bytes(total)}), before activations")
     print(f"FLOPs per token (training, 6N + 12*L*H*Q*T): 6 x {s['matmul_params']:,} matmul parameters + "
           f"{s['attention_flops']:,} attention = {s['flops_per_token']:,} ({human(s['flops_per_token'], ' ', SI_UNITS)}FLOP)")
+    for line in plan_lines(cfg, abstract):
+        print(line)
     print("dry run: shapes from jax.eval_shape; nothing was allocated, read or written")
     return 0
+
+
+def plan_lines(cfg: TrainConfig, abstract) -> list[str]:
+    """The memory plan per device (memory.py) for cfg.parallel over --plan-devices or the visible devices,
+    and whether it fits the device's memory when that is known (--device-memory-gb, a GPU)."""
+    devices = cfg.plan_devices or jax.device_count()
+    source = "--plan-devices" if cfg.plan_devices else "visible"
+    head = f"plan: --parallel {cfg.parallel} over {devices:,} device{'s' if devices > 1 else ''} ({source})"
+    try:
+        p = memory.plan(cfg, devices, abstract)
+    except UserError as e:  # fsdp over a device count that does not divide the width: said, not raised
+        return [f"{head}: cannot: {e}"]
+    m, dtype = cfg.model, compute_dtype(cfg.model).name
+    state = (f"{head}: per device parameters {human_bytes(p.params)}, gradients {human_bytes(p.grads)}, "
+             f"Adam {human_bytes(p.adam)} = {human_bytes(p.state)}; activations per sequence of {m.seq_len:,} tokens "
+             f"~{human_bytes(p.per_sequence['none'])} (remat none), ~{human_bytes(p.per_sequence['block'])} (remat "
+             f"block), {dtype} compute (--model.dtype {m.dtype}{', bfloat16 on a GPU' if m.dtype == 'auto' else ''})")
+    run = (f"plan: --batch-size {cfg.batch_size:,} / {devices:,} device(s) / --grad-accum-steps {cfg.grad_accum_steps} "
+           f"= {p.sequences:,} sequence(s) per device per micro-batch: activations ~{human_bytes(p.activations)} "
+           f"(remat {m.remat}); in all ~{human_bytes(p.total)} per device, a lower bound")
+    lines = [state, run]
+    known = memory.device_limit(cfg)
+    if known is not None:
+        limit, where = known
+        verdict = "fits" if p.total <= limit else f"does not fit; {memory.advice(cfg, p, abstract, limit)}"
+        lines.append(f"plan: {where} = {human_bytes(limit)}: {verdict}")
+    return lines

@@ -119,6 +119,9 @@ def validate_train(cfg: TrainConfig) -> None:
     for name in ("eval_interval", "sample_length"):
         _require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
     _require(cfg.eval_batches >= 1, f"--eval-batches {cfg.eval_batches} must be >= 1")
+    _require(cfg.plan_devices is None or cfg.plan_devices >= 1, f"--plan-devices {cfg.plan_devices} must be >= 1")
+    _require(cfg.device_memory_gb is None or cfg.device_memory_gb > 0,
+             f"--device-memory-gb {cfg.device_memory_gb} must be > 0")
 
 
 def validate_eval(cfg: EvalConfig) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mingpt_palm import checkpoints, data, fsdp, parallel, settings
+from mingpt_palm import checkpoints, data, fsdp, memory, parallel, settings
 from mingpt_palm import vocab as vocab_lib
 from mingpt_palm.config import ModelConfig, TrainConfig
 from mingpt_palm.errors import UserError
@@ -261,6 +261,7 @@ def _settle(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, corpus
     parallel.check_batch(run_cfg.batch_size, run_cfg.grad_accum_steps)
     attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
     built = build(run_cfg)
+    memory.check_fits(run_cfg, built.abstract, jax.device_count())  # one line now, not an OOM after compiling
     layout = parallel.DP if run_cfg.parallel == "dp" else fsdp.Sharded(built.abstract, run_cfg.model.dim,
                                                                       run_cfg.fsdp_min_bytes)
     return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), built, layout
