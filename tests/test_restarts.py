@@ -238,9 +238,9 @@ def test_periodic_evaluation_scores_one_micro_batch_at_a_time(shakespeare, tmp_p
 
     seen, real_score = [], evaluate.score
 
-    def score(p_eval, params, tokens, weights, batch_size, *args):
+    def score(p_eval, params, tokens, weights, batch_size, *args, **kwargs):
         seen.append(batch_size)
-        return real_score(p_eval, params, tokens, weights, batch_size, *args)
+        return real_score(p_eval, params, tokens, weights, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "score", score)
     proc = in_process("train_char.py", "--dataset-path", shakespeare, "--experiment-name", "accum", *TINY,

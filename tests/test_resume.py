@@ -90,8 +90,8 @@ def test_another_device_count_is_allowed_and_said(reference, tmp_path):
     copy_of(reference, tmp_path)
     proc = run_cli("train_char.py", "--experiment-name", "ref", "--restore-checkpoint", "--max-steps", 14,
                    cwd=tmp_path, devices=1)
-    assert ("devices: 1 now, 4 when step 12 was saved: the data order is unchanged (a batch depends only on seed "
-            "and step), but gradients are summed in another order, so numbers agree with an uninterrupted run to "
+    assert ("devices: 1 under --parallel dp now, 4 under dp when step 12 was saved: the data order is unchanged (a "
+            "batch depends only on seed and step), but gradients are summed in another order, so numbers agree with an uninterrupted run to "
             "float rounding, not bit for bit") in proc.stdout
 
 
