@@ -1,10 +1,12 @@
 """Training throughput of the real train step: tokens/s, step time, MFU, compile time, memory, bwd/fwd.
 
-The step is built as mingpt_palm/train.py builds it: state.build + step.train_step pmapped with the
-state donated, the vocabulary table encoding bytes on the device, batches from data.get_batch cut
-into micro-batches with parallel.shard_micro_batches, compiled ahead of time, and exactly as many
-steps in flight as train.py keeps (one on CPUs, three on accelerators), reading one status vector
-per step. Checkpointing, evaluation and logging are not in it.
+The step is built as mingpt_palm/train.py builds it, through the layout of --parallel (dp: pmapped, the
+state replicated; fsdp: jitted over the state sharded by fsdp.py's rule): state.build, layout.init and
+place_state, step.train_step compiled by layout.compile with the state donated, the vocabulary table
+encoding bytes on the device, batches from data.get_batch placed by layout.batch, compiled ahead of
+time, and exactly as many steps in flight as train.py keeps (one on CPUs, three on accelerators),
+reading one status vector per step through layout.read. Checkpointing, evaluation and logging are not
+in it.
 
 Figures (printed, and written as JSON with --json):
 - step time: the median over --windows timed windows of --steps steps each, after --warmup steps;
@@ -20,9 +22,15 @@ Figures (printed, and written as JSON with --json):
   GPUs (the device kind is printed). Simulated CPU devices share the same cores: the measured peak is
   the whole machine's, not one per device.
 - compile time of the step; peak memory right after the timed steps (device peak_bytes_in_use on
-  GPUs; on CPUs the process's VmHWM) and XLA's own memory analysis of the compiled step (temporaries: what remat saves);
-- backward / forward: a jitted forward pass (loss) and forward + backward (value_and_grad) on one
-  device's batch, called in turn, medians; (fwd+bwd - fwd) / fwd, about 2 for a healthy step.
+  GPUs; on CPUs the process's VmHWM) and XLA's own memory analysis of the compiled step, per device:
+  arguments, outputs, outputs aliased to donated arguments, temporaries (what remat saves), generated
+  code; and the collective ops in its HLO by kind (all-gather, reduce-scatter, all-reduce, ...).
+- backward / forward: a jitted forward pass (loss) and forward + backward (value_and_grad), called in
+  turn, medians; (fwd+bwd - fwd) / fwd, about 2 for a healthy step. dp: one device's parameters and
+  batch on that device; fsdp: the sharded parameters and the whole batch over the mesh (the same rows
+  per device), so fsdp's all-gathers are in both.
+- --compare-layouts: no timing; the step compiled under dp and under fsdp for the same settings and
+  devices, their per-device memory side by side (fsdp/dp) and their collectives.
 
 Presets: char-small (issue 9's small char model: dim 128, depth 4, 4x32 heads, block 64, batch 12,
 tinyshakespeare's char vocabulary), cpu-medium (dim 256, depth 6, 4x64, block 256, batch 16, bytes),
@@ -31,6 +39,9 @@ gpt2-small (dim 768, depth 12, 12x64, block 1024, bytes; ~101M parameters with t
 
   JAX_PLATFORMS=cpu python benchmarks/bench_train.py --preset char-small
   JAX_PLATFORMS=cpu python benchmarks/bench_train.py --preset cpu-medium --devices-sweep 1 4
+  JAX_PLATFORMS=cpu python benchmarks/bench_train.py --preset cpu-medium --parallel fsdp --cpu-devices 4
+  JAX_PLATFORMS=cpu python benchmarks/bench_train.py --dim 256 --depth 4 --seq-len 256 --batch 8 --compare-layouts \
+      --cpu-devices 8
   python benchmarks/bench_train.py --preset gpt2-small --batch 32 --remat dots --json out.json   # GPU
 tests/test_benchmarks.py runs it with tiny arguments on every test run, so that it cannot rot.
 """
@@ -38,14 +49,17 @@ tests/test_benchmarks.py runs it with tiny arguments on every test run, so that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # Run as `python benchmarks/bench_train.py`, Python puts benchmarks/ (not the repository root) on
 # sys.path; the package is not pip-installed, so add the root explicitly.
@@ -82,6 +96,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
     p.add_argument("--remat", choices=("none", "block", "dots"), default="none")
+    p.add_argument("--parallel", choices=("dp", "fsdp"), default="dp",
+                   help="the state's layout over the devices, as train_char.py's --parallel")
+    p.add_argument("--fsdp-min-bytes", type=int, default=None,
+                   help="under fsdp, leaves smaller than this stay whole (default: train_char.py's)")
+    p.add_argument("--compare-layouts", action="store_true",
+                   help="compile the step under dp and under fsdp (no timing) and compare their per-device memory "
+                        "and collectives")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (--batch stays the global batch)")
     p.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
@@ -132,36 +153,62 @@ def _config(args, vocab_size: int):
                             seq_len=args.seq_len, dim=args.dim, depth=args.depth, heads=args.heads,
                             dim_head=args.dim_head, ff_mult=args.ff_mult, dtype=args.dtype, attention=args.attention,
                             remat=args.remat, num_tokens=vocab_size)
+    min_bytes = {} if args.fsdp_min_bytes is None else {"fsdp_min_bytes": args.fsdp_min_bytes}
     # No warmup in the schedule: every update runs at the peak rate, as most of a real run does.
     return TrainConfig(batch_size=args.batch, max_steps=args.warmup + args.windows * args.steps, seed=args.seed,
-                       model=model_cfg, grad_accum_steps=args.grad_accum, optim=OptimizerConfig(warmup_steps=0))
+                       model=model_cfg, grad_accum_steps=args.grad_accum, optim=OptimizerConfig(warmup_steps=0),
+                       parallel=args.parallel, **min_bytes)
 
 
-def _xla_analysis(compiled, args):
-    """(XLA's FLOPs of the whole step or None, XLA's temporary bytes or None): cross-checks only."""
+# Collective ops by name in the compiled HLO text. A result may be a tuple ("%x = (f32[..], f32[..]) all-reduce(")
+# and GPU collectives are async ("all-gather-start(" ... "all-gather-done("): the op is matched after
+# whitespace and before "(", its "-start" half counted, its "-done" half not. A reduce-scatter made async
+# sits in its own computation ("async-start(..., calls=%...)") as a plain "reduce-scatter(", counted once.
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    """Collective ops in a compiled module's text, by kind. Static counts: an op inside a loop body (the
+    --grad-accum scan) is one op however many times the loop runs it."""
+    found = _COLLECTIVE_OP.findall(hlo)
+    return {kind: found.count(kind) for kind in COLLECTIVES}
+
+
+def _xla_analysis(compiled, args) -> dict:
+    """XLA's own view of the compiled step, as cross-checks and per-device figures: its FLOPs of the whole
+    step (None with accumulation), memory_analysis's bytes per device (arguments, outputs, outputs aliased
+    to donated arguments, temporaries, generated code) and the collectives in its HLO. Both pmap's and
+    jit's compiled modules are one device's program, so every figure is per device."""
     import jax
 
-    flops = temp = None
+    out = {"xla_flops": None, "memory": None, "collectives": None}
     try:
         # XLA counts a loop body once: with accumulation (a scan) its count would cover one micro-batch.
         if args.grad_accum == 1:
-            flops = compiled.cost_analysis()["flops"] * jax.local_device_count()
+            out["xla_flops"] = compiled.cost_analysis()["flops"] * jax.local_device_count()
     except Exception:  # noqa: BLE001 - a cross-check must never sink the benchmark
         pass
     try:
-        temp = compiled.memory_analysis().temp_size_in_bytes
+        m = compiled.memory_analysis()
+        out["memory"] = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in MEMORY_FIELDS}
     except Exception:  # noqa: BLE001
         pass
-    return flops, temp
+    try:
+        out["collectives"] = count_collectives(compiled.as_text())
+    except Exception:  # noqa: BLE001
+        pass
+    return out
 
 
-def _timed_loop(compiled, state, control, batch, args, in_flight: int):
+def _timed_loop(compiled, state, control, batch, args, in_flight: int, read):
     """--warmup untimed steps, then --windows windows of --steps steps, with `in_flight` steps dispatched
-    before the oldest one's status is read (as train.py does). Returns (seconds per step of each
-    window, every step's loss, the last state: the loop donates each one it is given)."""
+    before the oldest one's status is read (as train.py does, through the layout's `read`). Returns
+    (seconds per step of each window, every step's loss, the last state: the loop donates each one it is
+    given)."""
     import jax
 
-    from mingpt_palm import parallel
     from mingpt_palm.step import STATUS
 
     pending, losses, windows = [], [], []
@@ -170,7 +217,7 @@ def _timed_loop(compiled, state, control, batch, args, in_flight: int):
         while len(pending) > keep:
             status = pending.pop(0)
             jax.block_until_ready(status)
-            losses.append(float(parallel.unreplicate(status)[STATUS.index("loss")]))
+            losses.append(float(read(status)[STATUS.index("loss")]))
 
     step = 0
     for n in [args.warmup] + [args.steps] * args.windows:
@@ -185,9 +232,10 @@ def _timed_loop(compiled, state, control, batch, args, in_flight: int):
     return windows[1:], losses, state
 
 
-def _bwd_over_fwd(model, params, tokens, z_loss: float, repeats: int = 7):
-    """(forward seconds, forward + backward seconds) on one device, medians of calls taken in turn, so
-    that a slow moment of a shared machine falls on both rather than on one of the two."""
+def _bwd_over_fwd(model, params, tokens, z_loss: float, mesh=None, repeats: int = 7):
+    """(forward seconds, forward + backward seconds), medians of calls taken in turn, so that a slow moment
+    of a shared machine falls on both rather than on one of the two. `mesh`: traced and run with it set
+    (fsdp's sharded parameters: the model's activation hints need it)."""
     import jax
 
     from mingpt_palm.loss import cross_entropy
@@ -197,14 +245,30 @@ def _bwd_over_fwd(model, params, tokens, z_loss: float, repeats: int = 7):
         return cross_entropy(logits, tokens[:, 1:], z_loss)[0]
 
     f, fb = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
-    jax.block_until_ready((f(params), fb(params)))
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, out in zip((f, fb), times):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(params))
-            out.append(time.perf_counter() - t0)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        jax.block_until_ready((f(params), fb(params)))
+        times = ([], [])
+        for _ in range(repeats):
+            for fn, out in zip((f, fb), times):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(params))
+                out.append(time.perf_counter() - t0)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _ratio_inputs(s: "Setup", params, raw):
+    """(params, tokens, mesh) for _bwd_over_fwd with the same rows per device as the step. dp: one device's
+    parameters (layout.one_copy) and its rows, on that device. fsdp: the sharded parameters as they are
+    (layout.one_copy gives them back unchanged) and the whole batch split by sequence over the mesh, so the
+    ratio is fsdp's own forward and backward, the weights' all-gathers and the gradients' reductions in it."""
+    import jax
+    import jax.numpy as jnp
+
+    if s.layout.name == "dp":
+        rows = raw[: len(raw) // jax.local_device_count()]
+        return s.layout.one_copy(params), jnp.asarray(s.vocab.encode(rows)), None
+    tokens = jax.device_put(s.vocab.encode(raw), s.layout.flags)  # flags: [devices, ...] split over the mesh
+    return s.layout.one_copy(params), tokens, s.layout.mesh
 
 
 def _peak_memory():
@@ -217,63 +281,107 @@ def _peak_memory():
     return proc_status("VmHWM").get("VmHWM"), "host VmHWM (whole process)"
 
 
-def run(args) -> dict:
+def _start_jax(args):
     import jax
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
     # Compile time is one of the figures: a JAX_COMPILATION_CACHE_DIR (README) would report a load instead.
     jax.config.update("jax_enable_compilation_cache", False)
-    import jax.numpy as jnp
-    import numpy as np
 
-    from mingpt_palm import data, parallel
-    from mingpt_palm.flops import attention_flops, flops_per_token, matmul_params
-    from mingpt_palm.model import attention_implementation, compute_dtype, param_count
+
+class Setup(NamedTuple):
+    """What train.py's Trainer holds before its first step, built the way it builds them."""
+
+    cfg: Any
+    built: Any
+    vocab: Any
+    layout: Any
+    state: Any  # placed by the layout
+    control: Any
+    step: Any  # the layout's compiled-on-call step (it has .lower)
+    split: Any
+    source: str
+
+    def raw(self, step: int):
+        """This process's rows of the batch of `step`, as train.py's data.batch cuts them."""
+        import jax
+
+        from mingpt_palm import data
+
+        return data.get_batch(self.split, self.cfg.seed, step, self.cfg.batch_size, self.cfg.model.seq_len,
+                              jax.process_index(), jax.process_count())
+
+    def batch(self, step: int):
+        """(bytes, stop flags): the step's two host-made arguments, placed by the layout."""
+        return self.layout.batch(self.raw(step), self.cfg.grad_accum_steps), self.layout.stop_flags(False)
+
+    def state_bytes(self) -> int:
+        """The train state's bytes on each device by the layout's rule (a plan from shapes)."""
+        from mingpt_palm import fsdp
+        from mingpt_palm.flops import nbytes
+
+        if self.layout.name == "dp":
+            return nbytes(self.built.abstract)
+        return fsdp.bytes_per_device(self.built.abstract, self.cfg.model.dim, self.cfg.fsdp_min_bytes, self.layout.n)
+
+
+def prepare(args, split, source) -> Setup:
+    """The state, control and step under --parallel as start.py and train.py make them: build, the layout
+    (start._settle's rule), layout.init and place_state, the step partial compiled by layout.compile."""
+    import jax.numpy as jnp
+
+    from mingpt_palm import fsdp, parallel
+    from mingpt_palm.model import attention_implementation
     from mingpt_palm.state import build, init_state
     from mingpt_palm.step import Control, train_step
     from mingpt_palm.vocab import Vocab
 
-    split, source = _corpus(args)
     vocab = Vocab.build(args.vocab, split)
     cfg = _config(args, vocab.size)
-    model_cfg = cfg.model
     parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
-    attention = attention_implementation(model_cfg)  # refuses a kernel this machine cannot run, before any work
-    model, tx, schedule, _, _ = build(cfg)
-    state = jax.jit(partial(init_state, model, tx, cfg))()
-    dense, embed, norms = matmul_params(state.params)
-    flops_tok, n_params = flops_per_token(state.params, model_cfg), param_count(state.params)
-    rstate, control = parallel.replicate(state), parallel.replicate(Control.start())
-    del state
+    attention_implementation(cfg.model)  # refuses a kernel this machine cannot run, before any work
+    built = build(cfg)
+    layout = parallel.DP if cfg.parallel == "dp" else fsdp.Sharded(built.abstract, cfg.model.dim, cfg.fsdp_min_bytes)
+    state = layout.place_state(layout.init(partial(init_state, built.model, built.tx, cfg)))
+    step = layout.compile(partial(
+        train_step, model=built.model, tx=built.tx, schedule=built.schedule, z_loss=cfg.model.z_loss,
+        table=jnp.asarray(vocab.table), byte_lengths=jnp.asarray(vocab.byte_lengths),
+        max_nonfinite=cfg.max_nonfinite_steps, seed=cfg.seed, layout=layout))
+    return Setup(cfg, built, vocab, layout, state, layout.place(Control.start()), step, split, source)
+
+
+def run(args) -> dict:
+    _start_jax(args)
+    import jax
+
+    from mingpt_palm import parallel
+    from mingpt_palm.flops import attention_flops, flops_per_token, matmul_params
+    from mingpt_palm.model import attention_implementation, compute_dtype, param_count
+
+    s = prepare(args, *_corpus(args))
+    cfg, model_cfg = s.cfg, s.cfg.model
+    dense, embed, norms = matmul_params(s.built.abstract.params)
+    flops_tok, n_params = flops_per_token(s.built.abstract.params, model_cfg), param_count(s.built.abstract.params)
     dev, n_dev = jax.devices()[0], jax.device_count()
     dtype = compute_dtype(model_cfg).name
-
-    def batch(step: int):
-        raw = data.get_batch(split, cfg.seed, step, cfg.batch_size, args.seq_len, jax.process_index(),
-                             jax.process_count())
-        return parallel.shard_micro_batches(raw, cfg.grad_accum_steps), np.full(jax.local_device_count(), False)
 
     # The peak first, before any timing, in the run's own dtype; again after the timing.
     cal_n = args.calibration_size or (2048 if dev.platform == "cpu" else 8192)
     peak_before = matmul_tflops(cal_n, dtype=dtype)
-
-    p_step = parallel.pmap(partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=model_cfg.z_loss,
-                                   table=jnp.asarray(vocab.table), byte_lengths=jnp.asarray(vocab.byte_lengths),
-                                   max_nonfinite=10), donate_state=True)
     t0 = time.perf_counter()
-    compiled = p_step.lower(rstate, control, *batch(0)).compile()
+    compiled = s.step.lower(s.state, s.control, *s.batch(0)).compile()
     compile_s = time.perf_counter() - t0
-    xla_flops, temp_bytes = _xla_analysis(compiled, args)
+    xla = _xla_analysis(compiled, args)
     in_flight = parallel.steps_in_flight()
-    windows, losses, rstate = _timed_loop(compiled, rstate, control, batch, args, in_flight)
+    windows, losses, state = _timed_loop(compiled, s.state, s.control, s.batch, args, in_flight, s.layout.read)
     peak_mem, mem_kind = _peak_memory()  # before anything else allocates: the step's own peak
     peak_after = matmul_tflops(cal_n, dtype=dtype)
     peak_measured = max(peak_before, peak_after)
     fwd = both = bwd_ratio = None
     if not args.no_ratio:
-        tokens = jnp.asarray(vocab.encode(batch(0)[0][0].reshape(-1, args.seq_len + 1)))
-        fwd, both = _bwd_over_fwd(model, parallel.first_replica(rstate.params), tokens, model_cfg.z_loss)
+        params, tokens, mesh = _ratio_inputs(s, state.params, s.raw(0))
+        fwd, both = _bwd_over_fwd(s.built.model, params, tokens, model_cfg.z_loss, mesh)
         bwd_ratio = (both - fwd) / fwd
 
     step_s = statistics.median(windows)
@@ -282,29 +390,60 @@ def run(args) -> dict:
     per = next((v for (kind, dt), v in GPU_PEAK_TFLOPS.items() if kind in dev.device_kind and dt == dtype), None)
     return {
         "preset": args.preset, "variant": args.variant, "device_kind": dev.device_kind, "platform": dev.platform, "devices": n_dev,
-        "jax": jax.__version__, "source": source, "params": n_params, "matmul_params": dense + embed,
+        "parallel": s.layout.name, "fsdp_min_bytes": cfg.fsdp_min_bytes,
+        "jax": jax.__version__, "source": s.source, "params": n_params, "matmul_params": dense + embed,
         "norm_params": norms, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head,
-        "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": vocab.size,
-        "dtype": dtype, "attention": attention, "remat": args.remat,
+        "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "vocab": s.vocab.size,
+        "dtype": dtype, "attention": attention_implementation(model_cfg), "remat": args.remat,
         "in_flight": in_flight, "tokens_per_step": tokens_per_step,
         "step_ms_median": 1e3 * step_s, "step_ms_windows": [1e3 * w for w in windows],
         "tokens_per_s": tokens_per_step / step_s, "flops_per_token": flops_tok,
         "attention_flops_per_token": attention_flops(model_cfg),
-        "xla_flops_per_token": xla_flops / tokens_per_step if xla_flops else None,
+        "xla_flops_per_token": xla["xla_flops"] / tokens_per_step if xla["xla_flops"] else None,
         "achieved_tflops": achieved, "peak_measured_tflops": peak_measured, "peak_matmul_n": cal_n,
         "peak_before_tflops": peak_before, "peak_after_tflops": peak_after,
         "mfu_measured": achieved / peak_measured,
         "peak_datasheet_tflops": per * n_dev if per else None,
         "mfu_datasheet": achieved / (per * n_dev) if per else None,
         "compile_s": compile_s, "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
-        "xla_temp_bytes": temp_bytes, "fwd_ms": 1e3 * fwd if fwd else None,
+        "xla_temp_bytes": xla["memory"]["temp"] if xla["memory"] else None, "xla_memory": xla["memory"],
+        "collectives": xla["collectives"], "state_bytes_per_device": s.state_bytes(),
+        "fwd_ms": 1e3 * fwd if fwd else None,
         "fwd_bwd_ms": 1e3 * both if both else None, "bwd_over_fwd": bwd_ratio,
         "loss_first": losses[0], "loss_last": losses[-1], "load_before": loadavg(),
     }
 
 
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
+def _collectives_line(counts) -> str:
+    if counts is None:
+        return "n/a"
+    return ", ".join(f"{kind} {n}" for kind, n in counts.items() if n or kind in COLLECTIVES[:3])
+
+
+def show_layout(r: dict) -> None:
+    """The layout's lines: what XLA says the compiled step holds on each device, and its collectives."""
+    rule = f" (--fsdp-min-bytes {r['fsdp_min_bytes']:,})" if r["parallel"] == "fsdp" else ""
+    print(f"  layout         {r['parallel']} over {r['devices']} device(s); train state "
+          f"{_mib(r['state_bytes_per_device'])} per device by the layout's rule{rule}")
+    m = r["xla_memory"]
+    if m:
+        print(f"  XLA memory     per device: arguments {_mib(m['argument'])}, outputs {_mib(m['output'])} (aliased to "
+              f"donated arguments {_mib(m['alias'])}), temporaries {_mib(m['temp'])}, generated code "
+              f"{_mib(m['generated_code'])}")
+    print(f"  collectives    {_collectives_line(r['collectives'])} (ops in the compiled step's HLO; one in a loop "
+          "body counts once)")
+    if r["parallel"] == "fsdp" and r["platform"] == "cpu" and r["devices"] > 1:
+        print("                 (XLA's CPU pipeline has no reduce-scatter: the gradients' reduce-scatter is an "
+              "all-reduce + dynamic-slice here; a GPU compiles a reduce-scatter)")
+
+
 def show(r: dict) -> None:
-    print(f"devices: {r['devices']} x {r['platform']} ({r['device_kind']}); jax {r['jax']}; batch {r['batch']} "
+    print(f"devices: {r['devices']} x {r['platform']} ({r['device_kind']}), --parallel {r['parallel']}; "
+          f"jax {r['jax']}; batch {r['batch']} "
           f"({r['grad_accum']} micro-batch(es)), {r['tokens_per_step']:,} tokens/step; {r['in_flight']} step(s) in "
           f"flight; batches from {r['source']}")
     print(f"model: {r['variant']}, {r['params']:,} parameters (dim {r['dim']}, depth {r['depth']}, heads {r['heads']}x{r['dim_head']}, "
@@ -335,9 +474,60 @@ def show(r: dict) -> None:
         print("  MFU (datasheet) n/a: no datasheet peak for this device and dtype")
     print(f"  peak memory    {r['peak_memory_bytes'] / 2**20:10,.0f} MiB ({r['peak_memory_kind']}); XLA temporaries of "
           f"the step {r['xla_temp_bytes'] / 2**20 if r['xla_temp_bytes'] is not None else float('nan'):,.1f} MiB")
+    show_layout(r)
     if r["bwd_over_fwd"] is not None:
-        print(f"  backward/fwd   {r['bwd_over_fwd']:10.2f} (forward {r['fwd_ms']:.1f} ms on one device's batch)")
+        on = ("one device's batch" if r["parallel"] == "dp" else
+              f"the whole batch over the {r['devices']} device(s), fsdp's all-gathers in it")
+        print(f"  backward/fwd   {r['bwd_over_fwd']:10.2f} (forward {r['fwd_ms']:.1f} ms on {on})")
     print(f"  loss {r['loss_first']:.3f} at step 1 -> {r['loss_last']:.3f}")
+
+
+def compare_layouts(args) -> dict:
+    """The step compiled under dp and under fsdp for the same settings and devices, not run: what each holds
+    on a device (XLA's memory_analysis, and the state by the layout's rule) and its collectives."""
+
+    _start_jax(args)
+    import jax
+
+    split, source = _corpus(args)
+    results = {"devices": jax.device_count(), "platform": jax.devices()[0].platform, "layouts": {}}
+    for name in ("dp", "fsdp"):
+        s = prepare(argparse.Namespace(**{**vars(args), "parallel": name}), split, source)
+        t0 = time.perf_counter()
+        compiled = s.step.lower(s.state, s.control, *s.batch(0)).compile()
+        xla = _xla_analysis(compiled, args)
+        results["layouts"][name] = {"memory": xla["memory"], "collectives": xla["collectives"],
+                                    "state_bytes_per_device": s.state_bytes(), "compile_s": time.perf_counter() - t0,
+                                    "fsdp_min_bytes": s.cfg.fsdp_min_bytes}
+        del s, compiled  # one layout's state on the devices at a time
+    show_comparison(results, args)
+    return results
+
+
+def _peak_bound(m: dict) -> int:
+    return m["argument"] + m["output"] - m["alias"] + m["temp"]
+
+
+def show_comparison(results: dict, args) -> None:
+    dp, fs = results["layouts"]["dp"], results["layouts"]["fsdp"]
+    print(f"dim {args.dim}, depth {args.depth}, heads {args.heads}x{args.dim_head}, seq_len {args.seq_len}, batch "
+          f"{args.batch} ({args.grad_accum} micro-batch(es)), --fsdp-min-bytes {fs['fsdp_min_bytes']:,}; the step "
+          f"compiled for {results['devices']} {results['platform']} device(s), per device:")
+    print(f"  {'':22}{'dp':>14}{'fsdp':>14}{'fsdp/dp':>9}")
+    rows = [(f"XLA {k.replace('_', ' ')}", dp["memory"][k], fs["memory"][k]) for k in MEMORY_FIELDS]
+    # What the step needs at once on a device, at most: outputs aliased to donated arguments count once.
+    rows.append(("XLA arg+out-alias+temp", *(_peak_bound(x["memory"]) for x in (dp, fs))))
+    rows.append(("train state (rule)", dp["state_bytes_per_device"], fs["state_bytes_per_device"]))
+    for label, a, b in rows:
+        print(f"  {label:22}{_mib(a):>14}{_mib(b):>14}" + (f"{b / a:9.3f}" if a else f"{'-':>9}"))
+    for kind in COLLECTIVES:
+        a, b = dp["collectives"][kind], fs["collectives"][kind]
+        if a or b or kind in COLLECTIVES[:3]:
+            print(f"  {kind + ' ops':22}{a:>14}{b:>14}")
+    if results["platform"] == "cpu":
+        print("  (simulated CPU devices share this machine's cores: these are memory and collective figures, not "
+              "speed. XLA's CPU pipeline has no reduce-scatter: fsdp's gradient reduce-scatter is an all-reduce + "
+              "dynamic-slice here; a GPU compiles a reduce-scatter)")
 
 
 def sweep(args, counts) -> list[dict]:
@@ -354,8 +544,8 @@ def sweep(args, counts) -> list[dict]:
         subprocess.run([sys.executable, __file__, *argv], check=True)
         results.append(json.loads(out.read_text()))
         out.unlink()
-    print("\ndevices  step ms  tokens/s  MFU (measured peak)   (simulated CPU devices share the same cores: "
-          "more of them is not a speed-up, only the pmap/pmean path)")
+    print(f"\ndevices  step ms  tokens/s  MFU (measured peak)   (--parallel {args.parallel}; simulated CPU devices "
+          "share the same cores: more of them is not a speed-up, only the collectives' path)")
     for r in results:
         print(f"{r['devices']:>7} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9,.0f} {100 * r['mfu_measured']:8.1f}%")
     return results
@@ -368,6 +558,8 @@ def main() -> None:
     print(loadavg())
     if args.devices_sweep:
         results = sweep(args, args.devices_sweep)
+    elif args.compare_layouts:
+        results = compare_layouts(args)
     else:
         try:
             results = run(args)

@@ -62,6 +62,27 @@ def test_bench_train(tmp_path):
     assert r["mfu_measured"] == r["achieved_tflops"] / r["peak_measured_tflops"]
 
 
+def test_bench_train_fsdp_holds_less_state_per_device_than_dp(tmp_path):
+    """The fsdp step, built through its layout as train.py builds it, on 4 devices: it trains, says its
+    layout, and with every leaf sharded (--fsdp-min-bytes 0) XLA's arguments per device (the state, mostly)
+    are below dp's; both report their collectives, and only fsdp gathers weights."""
+    results = {}
+    for layout in ("dp", "fsdp"):
+        out = run_benchmark("bench_train.py", *TINY_TRAIN, "--no-ratio", "--data", SHAKESPEARE, "--parallel", layout,
+                            "--fsdp-min-bytes", 0, "--json", tmp_path / f"{layout}.json", devices=4, cwd=tmp_path)
+        assert f"4 x cpu (cpu), --parallel {layout};" in out and f"layout         {layout} over 4 device(s)" in out
+        assert re.search(r"loss \d+\.\d+ at step 1 -> \d+\.\d+", out)
+        results[layout] = r = json.loads((tmp_path / f"{layout}.json").read_text())
+        assert r["parallel"] == layout and r["tokens_per_s"] > 0 and r["xla_memory"]["temp"] > 0
+    dp, fsdp = results["dp"], results["fsdp"]
+    assert fsdp["xla_memory"]["argument"] < dp["xla_memory"]["argument"]
+    assert fsdp["state_bytes_per_device"] < dp["state_bytes_per_device"]
+    assert dp["collectives"]["all-gather"] == 0 < fsdp["collectives"]["all-gather"]
+    assert dp["collectives"]["all-reduce"] > 0  # the gradients' pmean
+    # The same batches and initial parameters: the first step's loss is the same computation.
+    assert fsdp["loss_first"] == pytest.approx(dp["loss_first"], rel=1e-5)
+
+
 def test_bench_train_device_sweep_and_flops_agree_with_xla(tmp_path):
     """One process per device count, and a row for each. Each process prints its own figures, the first
     (1 device) XLA's own count of the compiled step, which also covers the optimizer, norms, softmax and
@@ -78,8 +99,9 @@ def test_bench_train_device_sweep_and_flops_agree_with_xla(tmp_path):
 
 
 def test_gpu_suite_runs_its_whole_path(tmp_path):
-    """The GPU command, with tiny shapes on the CPU: both kernels, a larger batch, both remat policies at
-    the best, train_char.py end to end with its logged tokens/s set beside the benchmark's, a variant."""
+    """The GPU command, with tiny shapes on the CPU: both kernels, the faster under fsdp, a larger batch,
+    both remat policies at the best, train_char.py end to end with its logged tokens/s set beside the
+    benchmark's, a variant."""
     out = run_benchmark("gpu_suite.py", "--tiny", "--out", tmp_path / "gpu", devices=1, cwd=tmp_path)
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     # cudnn cannot run on a CPU: it fails with its one-line reason and the xla runs carry on.
@@ -88,6 +110,11 @@ def test_gpu_suite_runs_its_whole_path(tmp_path):
     assert "cudnn cannot run here" in out
     assert summary["end_to_end"]["logged_tokens_per_s_median"] > 0
     assert "of the benchmark's" in out
+    # The headline step under fsdp over the one device, beside dp's.
+    fsdp = summary["fsdp"]
+    assert (fsdp["dp"]["parallel"], fsdp["fsdp"]["parallel"]) == ("dp", "fsdp") and fsdp["tokens_per_s_ratio"] > 0
+    assert fsdp["fsdp"]["xla_memory"]["argument"] > 0 and "all-gather" in fsdp["fsdp"]["collectives"]
+    assert "of dp's tokens/s" in out
     assert [r["variant"] for r in summary["variants"]] == ["palm-lite"]
     assert summary["skipped"] == [] and [f["name"] for f in summary["failed"]] == ["gpt2-small_cudnn_none_b4"]
 
