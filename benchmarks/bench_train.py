@@ -342,7 +342,7 @@ def prepare(args, split, source) -> Setup:
     parallel.check_batch(cfg.batch_size, cfg.grad_accum_steps)
     attention_implementation(cfg.model)  # refuses a kernel this machine cannot run, before any work
     built = build(cfg)
-    layout = parallel.DP if cfg.parallel == "dp" else fsdp.Sharded(built.abstract, cfg.model.dim, cfg.fsdp_min_bytes)
+    layout = fsdp.layout(cfg, built.abstract)
     state = layout.place_state(layout.init(partial(init_state, built.model, built.tx, cfg)))
     step = layout.compile(partial(
         train_step, model=built.model, tx=built.tx, schedule=built.schedule, z_loss=cfg.model.z_loss,

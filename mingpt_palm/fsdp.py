@@ -62,6 +62,11 @@ def check_width(dim: int, devices: int) -> None:
                         "--parallel dp")
 
 
+def layout(cfg, abstract):
+    """The layout --parallel asks for: parallel.DP, or a Sharded one for a train state of `abstract`'s shapes."""
+    return parallel.DP if cfg.parallel == "dp" else Sharded(abstract, cfg.model.dim, cfg.fsdp_min_bytes)
+
+
 def mesh() -> Mesh:
     """All devices of all processes on one `data` axis, each process's devices side by side (the order in
     which make_array_from_process_local_data lays out the processes' rows)."""

@@ -262,9 +262,8 @@ def _settle(cfg: TrainConfig, exp: Experiment, saved: TrainConfig | None, corpus
     attention_implementation(run_cfg.model)  # a cudnn request that cannot run here is refused now
     built = build(run_cfg)
     memory.check_fits(run_cfg, built.abstract, jax.device_count())  # one line now, not an OOM after compiling
-    layout = parallel.DP if run_cfg.parallel == "dp" else fsdp.Sharded(built.abstract, run_cfg.model.dim,
-                                                                      run_cfg.fsdp_min_bytes)
-    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), built, layout
+    return run_cfg, Splits(streams["train"], streams.get("val"), tuple(to_cache)), built, fsdp.layout(run_cfg,
+                                                                                              built.abstract)
 
 
 def _initialise(built: Built, layout, cfg: TrainConfig) -> TrainState:
