@@ -86,7 +86,8 @@ def announce(run: Run) -> None:
     split = (f"{cfg.batch_size // n_dev} per device x {n_dev}" if k == 1 else
              f"{k} micro-batches of {cfg.batch_size // n_dev // k} per device x {n_dev} devices, accumulated")
     print(f"devices: {n_dev} x {jax.devices()[0].platform} ({jax.process_count()} process(es)); global batch "
-          f"{cfg.batch_size} = {split}; {cfg.batch_size * m.seq_len:,} tokens/step")
+          f"{cfg.batch_size} = {split}; {cfg.batch_size * m.seq_len:,} tokens/step; --parallel {cfg.parallel} "
+          f"({'state sharded over the devices' if cfg.parallel == 'fsdp' else 'state replicated on each device'})")
     why = (" (training computes dropped-out weights itself: no fused kernel drops them)" if m.dropout else
            " (score bias: cuDNN's bias path is opt-in, --model.attention cudnn)"
            if position_scheme(m) in ("alibi", "t5") and m.attention == "auto" and jax.default_backend() == "gpu" else "")

@@ -69,6 +69,9 @@ TINY = ["--model.dim", "64", "--model.depth", "2", "--model.heads", "4", "--mode
 def cli_env(devices: int = 4) -> dict:
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("JAX_COORDINATOR_ADDRESS", None)
+    # A suite run inside an srun step or under mpirun: its single-process runs must not try to form a job.
+    for key in [k for k in env if k.startswith(("SLURM_", "OMPI_", "PMIX_"))]:
+        del env[key]
     return env
 
 
