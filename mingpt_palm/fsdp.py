@@ -62,6 +62,22 @@ def check_width(dim: int, devices: int) -> None:
                         "--parallel dp")
 
 
+class _InMesh:
+    """A jitted function traced and run with the mesh set, as the model's activation hints
+    (layers.along_batch) need; `lower` too (the benchmarks and tests compile it ahead of time)."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
 def layout(cfg, abstract):
     """The layout --parallel asks for: parallel.DP, or a Sharded one for a train state of `abstract`'s shapes."""
     return parallel.DP if cfg.parallel == "dp" else Sharded(abstract, cfg.model.dim, cfg.fsdp_min_bytes)
@@ -138,17 +154,7 @@ class Sharded:
                                      donate_argnums=donate))
 
     def _in_mesh(self, fn):
-        """fn traced (and run) with the mesh set: the model's activation hints (layers.along_batch) need it."""
-        def run(*args):
-            with jax.set_mesh(self.mesh):
-                return fn(*args)
-
-        run.lower = lambda *args: self._lowered(fn, *args)
-        return run
-
-    def _lowered(self, fn, *args):
-        with jax.set_mesh(self.mesh):
-            return fn.lower(*args)
+        return _InMesh(fn, self.mesh)
 
     def batch(self, raw: np.ndarray, accum: int):
         """This process's rows [local_batch, L+1] -> the global [k, B, L+1]: dp's per-device micro-batches
