@@ -215,3 +215,14 @@ def check_fits(cfg: TrainConfig, abstract, devices: int) -> Plan:
         f"({gb(p.state)} GB of parameters, gradients and Adam state, {gb(p.activations)} GB of activations "
         f"for {p.sequences} sequence(s) of {cfg.model.seq_len:,} tokens, --model.remat {cfg.model.remat}); "
         f"{where}; {advice(cfg, p, abstract, limit)}")
+
+
+def fits_note(cfg: TrainConfig, abstract, devices: int) -> tuple[str, ...]:
+    """The start-up line of a run whose plan fits a known device memory (on GPUs: how much of the device
+    jax will use); nothing where no limit is known (a CPU)."""
+    known = device_limit(cfg)
+    if known is None:
+        return ()
+    p = plan(cfg, devices, abstract)
+    return (f"memory: the plan needs at least {gb(p.total)} GB per device under --parallel {cfg.parallel} ("
+            f"{gb(p.state)} GB of state, {gb(p.activations)} GB of activations); {known[1]}",)

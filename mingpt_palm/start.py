@@ -137,7 +137,8 @@ def begin(cfg: TrainConfig) -> Run:
         exp.lock.release()
         raise UserError(f"{exp.path} is at step {run.start}, and --max-steps is {run.cfg.max_steps}: nothing to train; "
                         "pass a larger --max-steps to continue")
-    return dataclasses.replace(run, notes=(*_warmup_note(run.cfg), *run.notes))
+    memory_note = memory.fits_note(run.cfg, run.built.abstract, jax.device_count())
+    return dataclasses.replace(run, notes=(*_warmup_note(run.cfg), *memory_note, *run.notes))
 
 
 def _open_experiment(cfg: TrainConfig, mode_: Mode) -> Experiment:

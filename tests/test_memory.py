@@ -115,3 +115,18 @@ def test_the_activation_estimate_is_within_3x_of_xla(tmp_path):
     temp = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
     estimate = memory.activations(m, batch)
     assert estimate / 3 < temp < 3 * estimate, (temp, estimate)
+
+
+def test_a_run_that_fits_says_how_much_of_the_device_it_plans_for(shakespeare, tmp_path):
+    """With a device memory known (a GPU's, or --device-memory-gb) a run that fits says its plan against it at
+    start: the same figures --print-params gives, so that a user sees the margin before a long run."""
+    args = ["--dataset-path", shakespeare, *TINY, "--max-steps", 1, "--eval-interval", 0, "--parallel", "fsdp",
+            "--fsdp-min-bytes", 0, "--device-memory-gb", 1, "--experiment-name", "fits"]
+    out = main_ok("train_char.py", *args, cwd=tmp_path).stdout
+    line = next(x for x in out.splitlines() if x.startswith("memory: "))
+    assert "per device under --parallel fsdp" in line and line.endswith("; one device has 1 GB (--device-memory-gb)")
+    state = float(line.split("(")[1].split(" GB of state")[0])
+    dp = float(next(x for x in main_ok("train_char.py", *args[:-1], "fits-dp", "--parallel", "dp",
+                                        cwd=tmp_path).stdout.splitlines() if x.startswith("memory: "))
+               .split("(")[1].split(" GB of state")[0])
+    assert state < 0.3 * dp, (state, dp)  # the state split 4 ways, as the plan says
