@@ -2,9 +2,9 @@
 If this is your first read through, skip to `Checkpointer`: the loop calls its `on_step` and `close`.
 
 Each step holds the train state (one copy: each process writes its shards of a sharded one) and a JSON
-record (`meta`); a restore lays it out as its target says, whatever layout or device count saved it. orbax writes a step into a
-temporary directory and renames it when complete, so a save that is killed midway leaves a
-`*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the same way, renamed into
+record (`meta`); a restore lays it out as its target says, whatever layout or device count saved it.
+orbax writes a step into a temporary directory and renames it when complete, so a save that is killed
+midway leaves a `*.orbax-checkpoint-tmp*` directory that is never restored. Old steps leave the same way, renamed into
 checkpoints/deleted/ before they are removed, so every numbered directory is a whole checkpoint. One
 that fails to load all the same is skipped for the one before it.
 

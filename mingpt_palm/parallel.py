@@ -1,7 +1,7 @@
 """How the train state and the batches are laid over the devices: the one seam between --parallel dp
 (`Replicated`, here: every pmap detail lives in this module) and --parallel fsdp (fsdp.Sharded). The
-loop, the step, the checkpoints and evaluation ask a layout (`make`) and never which one it is. How
-several processes form one job is distributed.py's.
+loop, the step, the checkpoints and evaluation ask the run's layout (fsdp.layout chooses it from the
+config) and never which one it is. How several processes form one job is distributed.py's.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class Replicated:
 
     # --- on the host ---
     def init(self, fn, *args):
-        """fn(*args) computed on one device (the loop replicates it with `place`)."""
+        """fn(*args) computed on one device (the loop replicates it with `place_state`)."""
         return jax.jit(fn)(*args)
 
     def restore_target(self, abstract):
