@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -163,9 +164,14 @@ def nonfinite_leaves(state) -> list[str]:
     sharding = floats[0][1].sharding
     whole = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
              if isinstance(sharding, jax.sharding.NamedSharding) else None)
-    finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=whole)(
-        [x for _, x in floats])
+    finite = _finite_check(whole)([x for _, x in floats])
     return [path for (path, _), ok in zip(floats, np.asarray(finite.addressable_data(0))) if not ok]
+
+
+@functools.lru_cache(maxsize=8)
+def _finite_check(whole):
+    """One compiled verdict per output layout, kept: a fresh lambda under jit would compile at every save."""
+    return jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]), out_shardings=whole)
 
 
 def _placed(abstract):
@@ -242,11 +248,11 @@ class Checkpointer:
     reach orbax's save together."""
 
     def __init__(self, directory: Path, *, interval: int, keep: int, last_step: int, start: int, seed: int,
-                 tokens_per_step: int, idle, before_save, snapshot, resume_command: str, parallel: str):
+                 tokens_per_step: int, idle, before_save, layout, resume_command: str):
         self.directory, self.interval, self.last_step = directory, interval, last_step
-        self.meta = {"seed": seed, "tokens_per_step": tokens_per_step, "parallel": parallel}
-        # snapshot(state): the layout's copy for a checkpoint (parallel.HostCopy or parallel.Ready)
-        self.idle, self.before_save, self.snapshot, self.resume_command = idle, before_save, snapshot, resume_command
+        self.meta = {"seed": seed, "tokens_per_step": tokens_per_step}
+        # layout.snapshot(state): its copy for a checkpoint (parallel.HostCopy or parallel.Ready)
+        self.idle, self.before_save, self.layout, self.resume_command = idle, before_save, layout, resume_command
         self.saver = Saver(directory, keep)
         self.last_saved = start  # the step of the newest checkpoint taken (the start: none taken yet)
         self._copy: parallel.HostCopy | parallel.Ready | None = None
@@ -264,14 +270,14 @@ class Checkpointer:
     def save(self, step: int, state) -> None:
         with self.idle():
             self.finish()  # the previous save first, so that a failure is blamed on the step that failed
-            copy = self.snapshot(state)
+            copy = self.layout.snapshot(state)
             self.last_saved = step
             with self._stopping_on_a_full_disk(step):
                 self.before_save()  # the logs: a killed run's curves then reach at least its last checkpoint
             self._copy = copy
             self._pending = (step, {"step": step, "seed": self.meta["seed"],
                                     "tokens_seen": step * self.meta["tokens_per_step"], "devices": jax.device_count(),
-                                    "processes": jax.process_count(), "parallel": self.meta["parallel"]})
+                                    "processes": jax.process_count(), "parallel": self.layout.name})
             if jax.process_count() > 1:
                 self._hand_off(wait=True)
 
