@@ -68,7 +68,7 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.exp.checkpoint_dir, interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints,
             last_step=cfg.max_steps, start=run.start, seed=cfg.seed, tokens_per_step=cfg.batch_size * cfg.model.seq_len,
-            idle=self.idle, before_save=self.log.flush, snapshot=self.layout.snapshot, parallel=self.layout.name,
+            idle=self.idle, before_save=self.log.flush, layout=self.layout,
             resume_command=self.exp.command("train_char.py", "--restore-checkpoint"))
         self.validation = evaluate.Validation(run, micro_batch=self.local_batch // self.accum) \
             if cfg.eval_interval else None
