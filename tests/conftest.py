@@ -84,6 +84,23 @@ def run_cli(script: str, *args, devices: int = 4, cwd=None, timeout: float = 300
     return proc
 
 
+def spawn_trainer(env: dict, args, cwd=None) -> subprocess.Popen:
+    """train_char.py started in the background with `env`, as one process of a job; see `finish`."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train_char.py"), *map(str, args)], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+
+
+def finish(procs, timeout=300):
+    """What each process printed, (stdout, stderr); any still running at the timeout is killed."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:  # SIGKILL: after jax.distributed.initialize SIGTERM is swallowed
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def steps_in(ckpt_dir: Path) -> list[int]:
     """The numbered (complete) checkpoints in ckpt_dir, as a user listing the directory sees them."""
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []

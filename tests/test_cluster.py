@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, cli_env, free_port, steps_in
+from conftest import ROOT, TINY, cli_env, finish, free_port, spawn_trainer, steps_in
 from mingpt_palm import launch
 from mingpt_palm.errors import UserError
 
@@ -132,23 +132,8 @@ def test_jax_gets_the_whole_launch_with_its_detection_off(monkeypatch):
 
 def start(launcher: str, tasks, cwd, args, port: int):
     """Processes `tasks` of a two-process job launched by `launcher` (simulated), on `port`."""
-    procs = []
-    for task in tasks:
-        env = cli_env(devices=2) | LAUNCHERS[launcher](task) | {"JAX_COORDINATOR_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train_char.py"), *map(str, args)], env=env,
-                                      cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      errors="replace"))
-    return procs
-
-
-def finish(procs, timeout=300):
-    try:
-        return [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    return [spawn_trainer(cli_env(devices=2) | LAUNCHERS[launcher](task) | {"JAX_COORDINATOR_PORT": str(port)},
+                          args, cwd) for task in tasks]
 
 
 def assert_trained(outs, returncodes, exp):

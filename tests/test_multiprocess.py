@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, cli_env, free_port, leaves, load_state, main_ok, read_scalars, steps_in
+from conftest import (ROOT, TINY, cli_env, finish, free_port, leaves, load_state, main_ok, read_scalars, spawn_trainer,
+                      steps_in)
 from mingpt_palm.config import TrainConfig
 
 LOGGED = ("train/loss", "train/grad_norm", "train/learning_rate")
@@ -17,24 +18,9 @@ LOGGED = ("train/loss", "train/grad_norm", "train/learning_rate")
 def start_job(args_per_process, cwd=None):
     """One train_char.py per entry of args_per_process, joined into one job on a free port."""
     port = free_port()
-    procs = []
-    for pid, args in enumerate(args_per_process):
-        env = cli_env(devices=2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                    "JAX_NUM_PROCESSES": str(len(args_per_process)), "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train_char.py"), *map(str, args)], env=env,
-                                      cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      errors="replace"))
-    return procs
-
-
-def finish(procs, timeout=300):
-    try:
-        return [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:  # SIGKILL: after jax.distributed.initialize SIGTERM is swallowed
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    return [spawn_trainer(cli_env(devices=2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES":
+                                                str(len(args_per_process)), "JAX_PROCESS_ID": str(pid)}, args, cwd)
+            for pid, args in enumerate(args_per_process)]
 
 
 # A job's settings for the tests below (gradient clipping at its default, 1.0): a checkpoint every 5 steps.
@@ -42,19 +28,22 @@ TWO = [*TINY, "--max-steps", 20, "--checkpoint-interval", 5, "--keep-checkpoints
        "--log-interval", 1, "--peer-timeout", 5]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """experiments/ref: 20 uninterrupted steps of a two-process job (2 x 2 devices) with TWO, and what its two
-    processes printed: the job the parity test compares with one process, and the one a killed and resumed
-    job must end bit for bit where it did."""
+def uninterrupted_job(root, settings, name: str):
+    """(experiments/name, what the two processes printed) of a whole two-process job (2 x 2 devices)."""
     from conftest import SHAKESPEARE
 
-    root = tmp_path_factory.mktemp("two")
-    args = ["--dataset-path", SHAKESPEARE, "--experiments-dir", root, *TWO, "--experiment-name", "ref"]
+    args = ["--dataset-path", SHAKESPEARE, "--experiments-dir", root, *settings, "--experiment-name", name]
     procs = start_job([args, args])
     outs = finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
-    return root / "ref", outs
+    return root / name, outs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """experiments/ref: 20 uninterrupted steps of a two-process job with TWO: the job the parity test compares
+    with one process, and the one a killed and resumed job must end bit for bit where it did."""
+    return uninterrupted_job(tmp_path_factory.mktemp("two"), TWO, "ref")
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clip", "noclip"])
@@ -290,15 +279,8 @@ SHARDED = [*TWO, "--parallel", "fsdp", "--fsdp-min-bytes", 50_000, "--eval-inter
 
 @pytest.fixture(scope="module")
 def sharded_reference(tmp_path_factory):
-    """experiments/sharded: 20 uninterrupted steps of a two-process job (2 x 2 devices) with SHARDED."""
-    from conftest import SHAKESPEARE
-
-    root = tmp_path_factory.mktemp("sharded")
-    args = ["--dataset-path", SHAKESPEARE, "--experiments-dir", root, *SHARDED, "--experiment-name", "sharded"]
-    procs = start_job([args, args])
-    outs = finish(procs)
-    assert [p.returncode for p in procs] == [0, 0], outs
-    return root / "sharded", outs
+    """experiments/sharded: 20 uninterrupted steps of a two-process job with SHARDED."""
+    return uninterrupted_job(tmp_path_factory.mktemp("sharded"), SHARDED, "sharded")
 
 
 def test_two_processes_under_fsdp_train_like_dp_and_resume_bit_exact_after_a_kill(shakespeare, tmp_path, reference,
